@@ -1,0 +1,1 @@
+"""dprpipe: Dense Passage Retrieval as a reproducible pipeline (core retrieval logic)."""

@@ -1,0 +1,83 @@
+"""Mine BM25 hard negatives (DPR's `hard_negative_ctxs`) and BM25 runs.
+
+A hard negative of a question is a top-`depth` BM25 passage that is not gold: not judged
+relevant (grade > 0), and, where the question has answers, not containing any answer under
+DPR's `has_answer`. The paper takes them from the top BM25 results (its maintainers: top 30-50).
+
+Inputs: the prepared corpus and queries. Outputs: {qid: [(docid, score), ...]} negatives and
+BM25 runs, which the stage writes as JSONL and TSV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .bm25 import BM25Index, BM25Params
+from .data import Passage, Query
+from .io import Run
+from .text import Analyzer, has_answer
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    k1: float = 0.9
+    b: float = 0.4
+    epsilon: float = 0.25
+    stemmer: str = "porter"
+    stopwords: bool = True
+    use_title: bool = True
+    depth: int = 100            # how deep in the BM25 ranking to look for negatives
+    negatives: int = 30         # negatives kept per question (training samples from them)
+    run_depth: int = 1000       # depth of the BM25 run written for evaluation
+    answer_match: str = "string"
+
+    def analyzer(self) -> Analyzer:
+        return Analyzer(stopwords=self.stopwords, stemmer=self.stemmer)
+
+    def bm25(self) -> BM25Params:
+        return BM25Params(k1=self.k1, b=self.b, epsilon=self.epsilon)
+
+
+def passage_text(p: Passage, use_title: bool) -> str:
+    return f"{p.title} {p.text}" if use_title and p.title else p.text
+
+
+class Miner:
+    """BM25 over a corpus, with its analyzer: build once, then run and mine any query set."""
+
+    def __init__(self, corpus: Sequence[Passage], cfg: MineConfig, progress: bool = False):
+        from tqdm.auto import tqdm
+
+        self.cfg = cfg
+        self.corpus = corpus
+        self.analyzer = cfg.analyzer()
+        docs = (self.analyzer(passage_text(p, cfg.use_title))
+                for p in tqdm(corpus, desc="bm25 index", unit="psg", disable=not progress))
+        self.index = BM25Index(docs, cfg.bm25())
+        self.progress = progress
+
+    def run(self, queries: Sequence[Query], depth: int) -> Run:
+        """BM25 ranking of each query: qid -> [(docid, score)] best first."""
+        idx, scores = self.index.search([self.analyzer(q.text) for q in queries], depth, progress=self.progress)
+        return {q.id: [(self.corpus[i].id, float(s)) for i, s in zip(idx[n], scores[n]) if s > 0]
+                for n, q in enumerate(queries)}
+
+    def negatives(self, queries: Sequence[Query]) -> Run:
+        """Hard negatives per query: top BM25 passages that are not gold, best first."""
+        cfg = self.cfg
+        text_of = {p.id: p.text for p in self.corpus} if any(q.answers for q in queries) else {}
+        out: Run = {}
+        for q, (qid, hits) in zip(queries, self.run(queries, cfg.depth).items()):
+            negs = []
+            for docid, score in hits:
+                if q.relevant.get(docid, 0) > 0:
+                    continue
+                # DPR matches answers against the passage text only, not the title
+                if q.answers and has_answer(q.answers, text_of[docid], cfg.answer_match):
+                    continue
+                negs.append((docid, score))
+                if len(negs) == cfg.negatives:
+                    break
+            out[qid] = negs
+        return out

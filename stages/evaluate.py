@@ -1,0 +1,41 @@
+"""evaluate: score retrieval runs against the evaluation split's judgements and answers.
+
+Outputs: a metrics JSON {system: {metric: value}} and a recall@k curve CSV (k, one column
+per system) for `dvc plots`.
+"""
+
+from common import load_params, parser, run
+
+from dprpipe.data import read_corpus, read_queries
+from dprpipe.evaluate import EvaluateConfig, evaluate_runs
+from dprpipe.io import atomic_write, read_run, write_json
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--queries", required=True, help="query file of the evaluation split")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=PATH", help="a run to score (repeatable)")
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--plot", required=True, help="recall@k curve CSV")
+    args = p.parse_args()
+    cfg = load_params(args.params, "evaluate", EvaluateConfig)
+    runs = {}
+    for spec in args.run:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            p.error(f"--run takes NAME=PATH, got {spec!r}")
+        runs[name] = read_run(path)
+    queries = read_queries(args.queries)
+    metrics, curve = evaluate_runs(runs, queries, read_corpus(args.corpus), cfg)
+    write_json(args.metrics, metrics)
+    with atomic_write(args.plot) as f:
+        f.write("k," + ",".join(runs) + "\n")
+        for k, row in curve.items():
+            f.write(f"{k}," + ",".join(f"{row[name]:.4f}" for name in runs) + "\n")
+    for name, m in metrics.items():
+        print(f"{name:>12}: " + "  ".join(f"{k}={v:.4f}" for k, v in m.items() if k != "queries"))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,28 @@
+"""prepare: read a BEIR or DPR dataset and write the normalised corpus and query splits.
+
+Outputs: <out>/corpus.jsonl, <out>/<split>.jsonl for each split, and a data report JSON.
+"""
+
+from common import load_params, parser, run
+
+from dprpipe.data import PrepareConfig, prepare, write_corpus, write_queries
+from dprpipe.io import atomic_dir, write_json
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--out", required=True, help="folder for corpus.jsonl and <split>.jsonl")
+    p.add_argument("--report", required=True, help="data report JSON (a DVC metrics file)")
+    args = p.parse_args()
+    cfg = load_params(args.params, "prepare", PrepareConfig)
+    ds, report = prepare(cfg)
+    with atomic_dir(args.out) as tmp:
+        write_corpus(tmp / "corpus.jsonl", ds.corpus)
+        for split, queries in ds.splits.items():
+            write_queries(tmp / f"{split}.jsonl", queries)
+    write_json(args.report, report)
+    print(", ".join(f"{k}={v}" for k, v in report.items()))
+
+
+if __name__ == "__main__":
+    run(main)
