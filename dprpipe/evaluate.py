@@ -96,6 +96,8 @@ class EvaluateConfig:
     ks: tuple[int, ...] = DEFAULT_KS
     curve_ks: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 30, 50, 100)
     answer_match: str = "string"
+    hybrid_weight: float = 1.0      # hybrid score = bm25 + weight * dense
+    hybrid_normalize: bool = True   # min-max normalise each run per query before fusing
 
 
 def evaluate_runs(runs: Mapping[str, Run], queries: Sequence[Query], corpus: Sequence[Passage],

