@@ -112,6 +112,12 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, n)
     if k < n:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        # argpartition keeps an arbitrary subset of the scores tied with the k-th best; where the
+        # cut falls inside a tie, take the tied positions in order instead
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+        for r in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
+            cand = np.flatnonzero(scores[r] >= kth[r])
+            part[r] = cand[np.lexsort((cand, -scores[r, cand]))[:k]]
     else:
         part = np.broadcast_to(np.arange(n), scores.shape)
     part_scores = np.take_along_axis(scores, part, axis=1)

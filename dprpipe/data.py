@@ -161,8 +161,12 @@ def read_beir_queries(path: str | os.PathLike) -> dict[str, str]:
     return queries
 
 
-def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """Read a qrels TSV (`qid\\tdocid\\tgrade`, optional header) into qid -> {docid: grade}."""
+def read_qrels(path: str | os.PathLike, lines: dict[tuple[str, str], int] | None = None
+               ) -> dict[str, dict[str, int]]:
+    """Read a qrels TSV (`qid\\tdocid\\tgrade`, optional header) into qid -> {docid: grade}.
+
+    If `lines` is given, it receives the line of each (qid, docid) judgement, for error messages.
+    """
     qrels: dict[str, dict[str, int]] = {}
     for lineno, (qid, docid, grade) in read_tsv(path, 3, header=("query-id", "corpus-id")):
         try:
@@ -170,24 +174,32 @@ def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
         except ValueError:
             raise DataError(path, lineno, f"relevance {grade!r} is not an integer") from None
         qrels.setdefault(qid, {})[docid] = g
+        if lines is not None:
+            lines.setdefault((qid, docid), lineno)
     return qrels
 
 
 def read_beir(folder: str | os.PathLike) -> Dataset:
     folder = Path(folder)
     corpus = list(read_beir_corpus(folder / "corpus.jsonl"))
+    if not corpus:
+        raise DataError(folder / "corpus.jsonl", None, "the corpus is empty")
+    doc_ids = {p.id for p in corpus}
     queries = read_beir_queries(folder / "queries.jsonl")
     splits: dict[str, list[Query]] = {}
     for split in SPLITS:
         qpath = folder / "qrels" / f"{split}.tsv"
         if not qpath.exists():
             continue
-        qrels = read_qrels(qpath)
-        for qid in qrels:
+        lines: dict[tuple[str, str], int] = {}
+        qrels = read_qrels(qpath, lines)
+        for (qid, docid), lineno in lines.items():
             if qid not in queries:
-                raise DataError(qpath, None, f"qrel names query {qid!r}, which is not in queries.jsonl")
+                raise DataError(qpath, lineno, f"qrel names query {qid!r}, which is not in queries.jsonl")
+            if docid not in doc_ids:
+                raise DataError(qpath, lineno, f"query {qid!r} is judged against document {docid!r}, "
+                                "which is not in corpus.jsonl")
         splits[split] = [Query(id=qid, text=queries[qid], relevant=rel) for qid, rel in qrels.items()]
-        _check_qrel_docs(corpus, splits[split], qpath)
     if not splits:
         raise DataError(folder / "qrels", None, "no qrels/{train,dev,test}.tsv found")
     return Dataset(corpus=corpus, splits=splits)
@@ -207,10 +219,19 @@ def _check_qrel_docs(corpus: list[Passage], queries: list[Query], source) -> Non
 def read_dpr_passages(path: str | os.PathLike) -> Iterator[Passage]:
     """Read a DPR passages TSV: `id\\ttext\\ttitle`, header row optional."""
     for _, (pid, text, title) in read_tsv(path, 3, header=("id", "text", "title")):
-        # psgs_w100.tsv quotes texts that contain quotes, CSV style
-        if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-            text = text[1:-1].replace('""', '"')
-        yield Passage(id=pid, title=title, text=text)
+        # psgs_w100.tsv is written by the csv module: fields that contain quotes are quoted
+        yield Passage(id=pid, title=_unquote(title), text=_unquote(text))
+
+
+def _unquote(field: str) -> str:
+    """Undo CSV quoting.
+
+    >>> _unquote('"say ""hi"" twice"')
+    'say "hi" twice'
+    """
+    if len(field) >= 2 and field[0] == '"' and field[-1] == '"':
+        return field[1:-1].replace('""', '"')
+    return field
 
 
 def read_dpr_questions(path: str | os.PathLike, split: str, extra: dict[str, Passage]) -> list[Query]:
@@ -230,7 +251,7 @@ def read_dpr_questions(path: str | os.PathLike, split: str, extra: dict[str, Pas
                     raise DataError(path, lineno, f"each of {key!r} must be an object")
                 title = _field(ctx, "title", path, lineno, required=False, default="")
                 text = _field(ctx, "text", path, lineno)
-                pid = ctx.get("passage_id") or ctx.get("psg_id")
+                pid = next((ctx[k] for k in ("passage_id", "psg_id") if ctx.get(k) not in (None, "")), None)
                 pid = str(pid) if pid is not None else content_id(title, text)
                 if pid not in extra:
                     extra[pid] = Passage(pid, title, text)

@@ -97,7 +97,7 @@ def load_embeddings(npy_path: str | os.PathLike, ids_path: str | os.PathLike) ->
     """Memory-map embeddings and read their ids; a size mismatch or a bad file is a DataError."""
     try:
         emb = np.load(npy_path, mmap_mode="r")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
         raise DataError(npy_path, None, f"not a readable .npy file ({e}); rerun the encode stage") from None
     ids = read_ids(ids_path)
     if emb.ndim != 2 or emb.shape[0] != len(ids):

@@ -31,6 +31,12 @@ class DataError(ValueError):
         self.problem = problem
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to `path`; rename it over `path` only on success."""
@@ -40,6 +46,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as f:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode open() would
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -57,6 +64,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it the mode mkdir() would
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -122,8 +130,7 @@ class _DecodeGuard:
             try:
                 line = self._f.readline()
             except UnicodeDecodeError as e:
-                raise DataError(self._path, self._line + 1,
-                                f"not valid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+                raise _utf8_error(self._path, e) from None
             if not line:
                 return
             self._line += 1
@@ -133,7 +140,24 @@ class _DecodeGuard:
         try:
             return self._f.read(*args)
         except UnicodeDecodeError as e:
-            raise DataError(self._path, None, f"not valid UTF-8 ({e.reason})") from None
+            raise _utf8_error(self._path, e) from None
+
+
+def _utf8_error(path: Path, err: UnicodeDecodeError) -> DataError:
+    """A DataError naming the line of the first invalid byte.
+
+    The text layer decodes a whole buffer ahead of the line being read, so the error's own
+    position says nothing about the line: find it by decoding the raw lines one by one (a
+    multi-byte UTF-8 sequence never contains a newline byte).
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} "
+                                 "of the line); re-encode the file as UTF-8")
+    return DataError(path, None, f"not valid UTF-8 ({err.reason}); re-encode the file as UTF-8")
 
 
 def read_tsv(path: str | os.PathLike, ncols: int, header: Sequence[str] | None = None

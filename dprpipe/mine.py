@@ -68,16 +68,17 @@ class Miner:
         cfg = self.cfg
         text_of = {p.id: p.text for p in self.corpus} if any(q.answers for q in queries) else {}
         out: Run = {}
-        for q, (qid, hits) in zip(queries, self.run(queries, cfg.depth).items()):
+        run = self.run(queries, cfg.depth)
+        for q in queries:
             negs = []
-            for docid, score in hits:
+            for docid, score in run[q.id]:
+                if len(negs) >= cfg.negatives:
+                    break
                 if q.relevant.get(docid, 0) > 0:
                     continue
                 # DPR matches answers against the passage text only, not the title
                 if q.answers and has_answer(q.answers, text_of[docid], cfg.answer_match):
                     continue
                 negs.append((docid, score))
-                if len(negs) == cfg.negatives:
-                    break
-            out[qid] = negs
+            out[q.id] = negs
         return out

@@ -46,6 +46,10 @@ class EncoderConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}; expected 'cls' or 'mean'")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"unknown precision {self.precision!r}; expected 'auto', 'fp32' or 'bf16'")
+        if self.query_max_length < 1 or self.passage_max_length < 1:
+            # 0 would silently disable truncation in the tokenizer; a negative one fails deep inside it
+            raise ValueError(f"query_max_length ({self.query_max_length}) and passage_max_length "
+                             f"({self.passage_max_length}) must be >= 1")
 
 
 def resolve_model(name: str) -> str:

@@ -31,8 +31,8 @@ def hybrid_run(sparse: Run, dense: Run, weight: float = 1.0, normalize: bool = T
     A passage missing from one list gets that list's lowest score for the query (0 after
     min-max normalisation), as Pyserini does.
 
-    >>> hybrid_run({"q": [("a", 2.0), ("b", 1.0)]}, {"q": [("b", 0.9), ("c", 0.1)]}, 1.0)["q"][0]
-    ('b', 1.0)
+    >>> hybrid_run({"q": [("a", 2.0), ("b", 1.0)]}, {"q": [("b", 0.9), ("c", 0.1)]}, 1.5)["q"]
+    [('b', 1.5), ('a', 1.0), ('c', 0.0)]
     """
     out: Run = {}
     for qid in sparse.keys() | dense.keys():

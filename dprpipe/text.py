@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -97,12 +96,15 @@ def has_answer(answers: Iterable[str], text: str, match: str = "string") -> bool
     if match == "regex":
         text = unicodedata.normalize("NFD", text)
         for pattern in answers:
+            if not pattern:
+                continue  # an empty pattern would match every passage
             try:
-                # stdlib `re`, as DPR uses: its pattern syntax is what CuratedTREC answers assume
-                if re.search(unicodedata.normalize("NFD", pattern), text,
-                             flags=re.IGNORECASE | re.UNICODE | re.MULTILINE):
-                    return True
-            except re.error:
-                continue
+                # the `regex` module, as DPR's qa_validation.py (`import regex as re`) uses
+                compiled = regex.compile(unicodedata.normalize("NFD", pattern),
+                                         flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+            except Exception:
+                continue  # DPR: a pattern that does not compile never matches
+            if compiled.search(text):
+                return True
         return False
     raise ValueError(f"unknown answer match {match!r}; expected 'string' or 'regex'")

@@ -151,20 +151,38 @@ def _fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData) -> str:
 
 
 def _save_state(state_dir: Path, model: DualEncoder, opt, sched, epoch: int, step_in_epoch: int,
-                global_step: int, history: list, best: float | None, fingerprint: str) -> None:
+                global_step: int, history: list, best: float | None, fingerprint: str,
+                epoch_losses: Sequence[float] = ()) -> None:
     with atomic_dir(state_dir / "last") as tmp:
         model.save(tmp / "model")
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
         (tmp / "progress.json").write_text(json.dumps({
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "history": history, "best": best, "fingerprint": fingerprint}))
+            "history": history, "best": best, "fingerprint": fingerprint,
+            "epoch_losses": list(epoch_losses)}))  # this epoch's step losses so far, for its mean
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value > best if metric == "ndcg@10" else value < best
+
+
+def _validate_and_keep(model: DualEncoder, data: TrainData, cfg: TrainConfig, pid_index: Mapping[str, int],
+                       state_dir: Path, history: list, epoch: int, loss: float | None, seconds: float, seen: int,
+                       best: float | None) -> float | None:
+    """Validate, log the epoch into `history`, save the model as `best/` if it beats `best`."""
+    val = validate(model, data, cfg, pid_index)
+    record = {"epoch": epoch, "loss": loss, "questions_per_s": seen / seconds if seconds else None,
+              "seconds": seconds, **{f"val_{k}": v for k, v in val.items()}}
+    history.append(record)
+    print(json.dumps(record))
+    if not val or _better(cfg.validation, val[cfg.validation], best):
+        best = val.get(cfg.validation)
+        with atomic_dir(state_dir / "best") as tmp:
+            model.save(tmp, {"train": asdict(cfg), "epoch": epoch, "validation": val})
+    return best
 
 
 def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | Path, state_dir: str | Path,
@@ -193,6 +211,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
 
     fingerprint = _fingerprint(cfg, model, data)
     start_epoch, skip, global_step, history, best = 0, 0, 0, [], None
+    epoch_losses: list[float] = []
     last = state_dir / "last"
     if cfg.resume and (last / "progress.json").is_file():
         prog = json.loads((last / "progress.json").read_text())
@@ -205,11 +224,16 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
             torch.set_rng_state(trainer["torch_rng"])
             start_epoch, skip = prog["epoch"], prog["step_in_epoch"]
             global_step, history, best = prog["global_step"], prog["history"], prog["best"]
+            epoch_losses = list(prog.get("epoch_losses", []))
             print(f"resuming from {last}: epoch {start_epoch + 1}, step {skip} of {steps_per_epoch}")
         else:
             print(f"ignoring {last}: it belongs to a different config or data")
     if start_epoch == 0 and skip == 0:
         shutil.rmtree(state_dir, ignore_errors=True)
+        # epoch 0: the starting model, so the curve shows what training adds (and it can win)
+        history, best = [], None
+        best = _validate_and_keep(model, data, cfg, pid_index, state_dir, history, 0, None, 0.0, 0, best)
+        _save_state(state_dir, model, opt, sched, 0, 0, global_step, history, best, fingerprint)
 
     dev = next(model.parameters()).device
     for epoch in range(start_epoch, cfg.epochs):
@@ -218,7 +242,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
         groups = [batches[i:i + cfg.grad_accumulation] for i in range(0, len(batches), cfg.grad_accumulation)]
         bar = tqdm(total=len(groups), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not progress)
-        t0, seen, losses = time.perf_counter(), 0, []
+        t0, seen, losses = time.perf_counter(), 0, epoch_losses if skip else []
         for step in range(skip, len(groups)):
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -237,25 +261,16 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
             bar.set_postfix(loss=f"{step_loss:.4f}", q_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
             bar.update(1)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < len(groups):
-                _save_state(state_dir, model, opt, sched, epoch, step + 1, global_step, history, best, fingerprint)
+                _save_state(state_dir, model, opt, sched, epoch, step + 1, global_step, history, best, fingerprint,
+                            losses)
         bar.close()
         seconds = time.perf_counter() - t0
-        val = validate(model, data, cfg, pid_index)
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
-                  "questions_per_s": seen / seconds if seconds else None, "seconds": seconds,
-                  **{f"val_{k}": v for k, v in val.items()}}
-        history.append(record)
-        print(json.dumps(record))
-        if not val or _better(cfg.validation, val[cfg.validation], best):
-            best = val.get(cfg.validation)
-            with atomic_dir(state_dir / "best") as tmp:
-                model.save(tmp, {"train": asdict(cfg), "epoch": epoch + 1, "validation": val})
+        loss = float(np.mean(losses)) if losses else None
+        best = _validate_and_keep(model, data, cfg, pid_index, state_dir, history, epoch + 1, loss, seconds,
+                                  seen, best)
         skip = 0
         _save_state(state_dir, model, opt, sched, epoch + 1, 0, global_step, history, best, fingerprint)
 
-    if not (state_dir / "best").exists():  # epochs: 0 -> the starting model is the result
-        with atomic_dir(state_dir / "best") as tmp:
-            model.save(tmp, {"train": asdict(cfg), "epoch": 0, "validation": validate(model, data, cfg, pid_index)})
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(state_dir / "best", tmp, dirs_exist_ok=True)
     return history

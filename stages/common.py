@@ -9,7 +9,11 @@ from typing import TypeVar
 
 import yaml
 
-from dprpipe.config import from_mapping
+# Import the dprpipe next to this script, not whichever copy is installed: DVC hashes this
+# repository's modules, so a run in a copy (`dvc exp run --temp`, the tests) must use them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dprpipe.config import from_mapping  # noqa: E402
 
 T = TypeVar("T")
 

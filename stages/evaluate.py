@@ -8,7 +8,7 @@ from common import load_params, parser, run
 
 from dprpipe.data import read_corpus, read_queries
 from dprpipe.evaluate import EvaluateConfig, evaluate_runs
-from dprpipe.io import atomic_write, read_run, write_json
+from dprpipe.io import DataError, atomic_write, read_run, write_json
 from dprpipe.search import hybrid_run
 
 
@@ -23,12 +23,18 @@ def main() -> None:
     p.add_argument("--plot", required=True, help="recall@k curve CSV")
     args = p.parse_args()
     cfg = load_params(args.params, "evaluate", EvaluateConfig)
+    corpus = read_corpus(args.corpus)
+    known = {x.id for x in corpus}
     runs = {}
     for spec in args.run:
         name, sep, path = spec.partition("=")
         if not sep:
             p.error(f"--run takes NAME=PATH, got {spec!r}")
         runs[name] = read_run(path)
+        stray = next((d for hits in runs[name].values() for d, _ in hits if d not in known), None)
+        if stray is not None:
+            raise DataError(path, None, f"passage {stray!r} is not in {args.corpus}; "
+                            "the run belongs to another corpus (rerun its stage)")
     for spec in args.hybrid:
         name, _, pair = spec.partition("=")
         sparse, _, dense = pair.partition("+")
@@ -36,7 +42,7 @@ def main() -> None:
             p.error(f"--hybrid {spec!r} must name two --run systems, e.g. hybrid=bm25+dpr")
         runs[name] = hybrid_run(runs[sparse], runs[dense], cfg.hybrid_weight, cfg.hybrid_normalize)
     queries = read_queries(args.queries)
-    metrics, curve = evaluate_runs(runs, queries, read_corpus(args.corpus), cfg)
+    metrics, curve = evaluate_runs(runs, queries, corpus, cfg)
     write_json(args.metrics, metrics)
     with atomic_write(args.plot) as f:
         f.write("k," + ",".join(runs) + "\n")

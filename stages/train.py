@@ -10,7 +10,7 @@ from pathlib import Path
 from common import load_params, parser, run
 
 from dprpipe.data import read_corpus, read_queries
-from dprpipe.io import atomic_write, read_jsonl, write_json
+from dprpipe.io import DataError, atomic_write, read_jsonl, write_json
 from dprpipe.model import DualEncoder, EncoderConfig, device
 from dprpipe.train import TrainConfig, TrainData, train
 
@@ -18,8 +18,12 @@ from dprpipe.train import TrainConfig, TrainData, train
 def read_negatives(folder: Path) -> dict[str, list[str]]:
     negs = {}
     for path in sorted(folder.glob("*.jsonl")):
-        for _, obj in read_jsonl(path):
-            negs[obj["id"]] = [d for d, _ in obj["negatives"]]
+        for lineno, obj in read_jsonl(path):
+            try:
+                negs[str(obj["id"])] = [str(d) for d, _ in obj["negatives"]]
+            except (KeyError, TypeError, ValueError):
+                raise DataError(path, lineno, 'expected {"id": ..., "negatives": [[docid, score], ...]}; '
+                                "rerun the mine stage") from None
     return negs
 
 
@@ -47,7 +51,8 @@ def main() -> None:
     with atomic_write(args.plot) as f:
         f.write("epoch,loss,val_ndcg@10,val_avg_rank\n")
         for h in history:
-            f.write(f"{h['epoch']},{h['loss']:.5f},{h.get('val_ndcg@10', float('nan')):.4f},"
+            loss = "" if h["loss"] is None else f"{h['loss']:.5f}"
+            f.write(f"{h['epoch']},{loss},{h.get('val_ndcg@10', float('nan')):.4f},"
                     f"{h.get('val_avg_rank', float('nan')):.3f}\n")
 
 

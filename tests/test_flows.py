@@ -1,0 +1,387 @@
+"""The Prefect flows over the DVC pipeline, on a tiny workspace (tests/flow_fixtures.py).
+
+The unit tests share one workspace and run in file order, like a user would: the four stage
+flows one after the other, then the pipeline with nothing changed (DVC skips every stage),
+after a params change (only the affected stages rerun), with `-S` overrides, with a failing
+stage and on a busy workspace. They run under `prefect_test_harness`. The end-to-end test
+starts a real Prefect server on 127.0.0.1, serves the deployments and triggers the pipeline
+through the REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from flow_fixtures import ROOT, TINY_PARAMS, commit, flow_env, make_workspace, run, set_params, tiny_workspace  # noqa: F401
+
+from flows.common import (ENCODING, EVALUATION, LOCK_FILE, MINING, TRAINING, build_overrides, hydra_value,
+                          stage_command, summary)
+
+ALL_STAGES = [*MINING, *TRAINING, *ENCODING, *EVALUATION]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_env():
+    """Offline model loading, one thread per stage, and a git identity for `dvc exp run`."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in flow_env().items():
+            if key not in ("PATH",) and os.environ.get(key) != value:
+                mp.setenv(key, value)
+        yield
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def run_flow(flow, ws: Path, **kwargs):
+    """Run a flow on the workspace; returns (final state, result or None)."""
+    state = flow(workspace=str(ws), return_state=True, **kwargs)
+    return state, (state.result() if state.is_completed() and state.name != "Skipped" else None)
+
+
+def artifact(state, key: str) -> str:
+    """The markdown of the artifact `key` that the state's flow run published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(found) == 1, f"artifact {key!r} of this flow run: {found}"
+    assert found[0].type == "markdown"
+    return found[0].data
+
+
+def flow_logs(state) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+# ---------------------------------------------------------------- parameters and deployments (no server)
+
+
+def test_overrides_from_flow_parameters(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump({"eval_split": "test", "prepare": {"dataset": "data/a"},
+                                                    "train": {"epochs": 2, "lr": 2.0e-5}, "evaluate": {"ks": [1, 5]}}))
+    (ws / "variant.yaml").write_text(yaml.safe_dump({"train": {"epochs": 3, "lr": 2.0e-5}, "evaluate": {"ks": [1, 10]}}))
+    # only values that differ become overrides (an unchanged float is not rewritten by DVC)
+    assert build_overrides(ws, params="variant.yaml") == ["train.epochs=3", "evaluate.ks=[1,10]"]
+    assert build_overrides(ws, dataset="data/a") == []
+    assert build_overrides(ws, dataset="../shared/it's") == [r"prepare.dataset='../shared/it\'s'"]
+    assert build_overrides(ws, params=str(ws / "variant.yaml"), overrides=["train.epochs=4"])[-1] == "train.epochs=4"
+    (ws / "bad.yaml").write_text(yaml.safe_dump({"train": {"epoch": 3}}))
+    with pytest.raises(ValueError, match=r"bad.yaml: train.epoch is not in .*params.yaml"):
+        build_overrides(ws, params="bad.yaml")
+    with pytest.raises(ValueError, match="not key=value"):
+        build_overrides(ws, overrides=["train.epochs"])
+    with pytest.raises(ValueError, match="no dvc.yaml"):
+        from flows.common import resolve_workspace
+        resolve_workspace(ws)
+    assert hydra_value(None) == "null" and hydra_value(False) == "false" and hydra_value(0.5) == "0.5"
+    assert stage_command("train", []) == ["repro", "train"]
+    assert stage_command("train", ["train.epochs=3"], "m") == ["exp", "run", "-S", "train.epochs=3", "-m", "m", "train"]
+
+
+def test_summary_counts_a_stage_once():
+    results = [{"ran": {"prepare": 1.0}, "skipped": [], "cached": [], "experiment": None},
+               {"ran": {"mine": 2.0}, "skipped": ["prepare"], "cached": [], "experiment": "exp-1"},
+               {"ran": {}, "skipped": ["prepare", "mine"], "cached": ["train"], "experiment": None}]
+    assert summary(results) == {"ran": {"prepare": 1.0, "mine": 2.0}, "skipped": [], "cached": ["train"],
+                                "experiments": ["exp-1"]}
+
+
+def test_deployments_follow_the_schedules_file():
+    from flows.deploy import FLOWS, build_deployments, load_schedules
+
+    schedules = load_schedules()
+    assert set(schedules["deployments"]) == set(FLOWS) == {"mining", "training", "encoding", "evaluation", "pipeline"}
+    deployments = build_deployments(ROOT)
+    assert {d.flow_name for d in deployments} == set(FLOWS)
+    for d in deployments:
+        assert d.name == "dprpipe"
+        assert d.parameters["workspace"] == str(ROOT)
+        assert [s.schedule.cron for s in d.schedules] == [schedules["deployments"][d.flow_name]["cron"]]
+    # prefect.yaml (for `prefect deploy --all`) has the same flows on the same crons
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    crons = {d["entrypoint"].rsplit(":", 1)[1]: [s["cron"] for s in d["schedules"]] for d in project["deployments"]}
+    assert crons == {name: [spec["cron"]] for name, spec in schedules["deployments"].items()}
+    for d in project["deployments"]:
+        assert (ROOT / d["entrypoint"].split(":")[0]).is_file()
+
+
+def test_schedules_file_errors(tmp_path):
+    from flows.deploy import load_schedules
+
+    (tmp_path / "s.yaml").write_text("deployments:\n  mine:\n    cron: '0 1 * * *'\n")
+    with pytest.raises(ValueError, match="unknown flow.*mine"):
+        load_schedules(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text("deployments:\n  mining: {}\n")
+    with pytest.raises(ValueError, match="mining needs a cron"):
+        load_schedules(tmp_path / "s.yaml")
+
+
+# ---------------------------------------------------------------- each flow on the tiny workspace
+
+
+def test_mining_flow(tiny_workspace, harness):
+    from flows.mining import mining
+
+    state, result = run_flow(mining, tiny_workspace)
+    assert state.is_completed(), state.message
+    assert result["ran"].keys() == {"prepare", "mine"}
+    data = json.loads((tiny_workspace / "metrics" / "data.json").read_text())
+    assert data["documents"] == 40 and data["test_queries"] == 6
+    for out in ("data/prepared/corpus.jsonl", "data/prepared/train.jsonl", "data/negatives/train.jsonl",
+                "data/runs/bm25.tsv"):
+        assert (tiny_workspace / out).is_file(), out
+    report = artifact(state, "mining-metrics")
+    assert "| prepare | **ran** |" in report and "| mine | **ran** |" in report
+    assert "No retrieval metrics yet" in report
+    assert "| metrics/data.json | documents | – | 40 | new |" in report
+
+
+def test_training_flow(tiny_workspace, harness):
+    from flows.training import training
+
+    state, result = run_flow(training, tiny_workspace)
+    assert state.is_completed(), state.message
+    assert result["ran"].keys() == {"train"} and result["skipped"] == ["prepare", "mine"]
+    assert (tiny_workspace / "models" / "dpr" / "dpr_config.json").is_file()
+    assert json.loads((tiny_workspace / "metrics" / "train.json").read_text())["epochs"] >= 1
+    assert "| train | **ran** |" in artifact(state, "training-metrics")
+
+
+def test_encoding_flow(tiny_workspace, harness):
+    from flows.encoding import encoding
+
+    state, result = run_flow(encoding, tiny_workspace)
+    assert state.is_completed(), state.message
+    assert list(result["ran"]) == list(ENCODING)
+    for system in ("zeroshot", "dpr"):
+        assert (tiny_workspace / "data" / "embeddings" / system / "passages.npy").is_file()
+        assert (tiny_workspace / "data" / "index" / system / "index.faiss").is_file()
+        assert (tiny_workspace / "data" / "runs" / f"{system}.tsv").is_file()
+    assert "| index | **ran** |" in artifact(state, "encoding-metrics")
+
+
+def test_evaluation_flow(tiny_workspace, harness):
+    from flows.evaluation import evaluation
+
+    state, result = run_flow(evaluation, tiny_workspace)
+    assert state.is_completed(), state.message
+    assert result["ran"].keys() == {"evaluate"}
+    metrics = json.loads((tiny_workspace / "metrics" / "retrieval.json").read_text())
+    assert set(metrics) == {"bm25", "zeroshot", "dpr", "hybrid"}
+    report = artifact(state, "evaluation-metrics")
+    # nothing committed yet: every metric is new against HEAD
+    assert f"| dpr | {metrics['dpr']['ndcg@10']:.4f} (new) |" in report
+    assert "| system | ndcg@10 | mrr@10 |" in report
+
+
+# ---------------------------------------------------------------- the pipeline: DVC decides what reruns
+
+
+def test_pipeline_with_nothing_changed_runs_no_stage(tiny_workspace, harness):
+    from flows.pipeline import pipeline
+
+    commit(tiny_workspace, "first run")           # the metrics are now HEAD's
+    lock = (tiny_workspace / "dvc.lock").read_text()
+    state, result = run_flow(pipeline, tiny_workspace)
+    assert state.is_completed(), state.message
+    assert result["ran"] == {} and result["skipped"] == ALL_STAGES
+    assert (tiny_workspace / "dvc.lock").read_text() == lock
+    report = artifact(state, "pipeline-metrics")
+    assert "**ran**" not in report and "| evaluate | unchanged, skipped | |" in report
+    metrics = json.loads((tiny_workspace / "metrics" / "retrieval.json").read_text())
+    assert f"| dpr | {metrics['dpr']['ndcg@10']:.4f} (=) |" in report      # no change against HEAD
+
+
+def test_pipeline_after_a_params_change_reruns_only_affected_stages(tiny_workspace, harness):
+    from flows.pipeline import pipeline
+
+    set_params(tiny_workspace, {"index.kind": "hnsw"})     # read by `index` only (not index_zeroshot: --exact)
+    state, result = run_flow(pipeline, tiny_workspace)
+    assert state.is_completed(), state.message
+    assert result["ran"].keys() == {"index", "evaluate"}
+    assert set(result["skipped"]) == set(ALL_STAGES) - {"index", "evaluate"}
+    assert json.loads((tiny_workspace / "data" / "index" / "dpr" / "index.json").read_text())["kind"] == "hnsw"
+    report = artifact(state, "pipeline-metrics")
+    assert "| index | **ran** |" in report and "| train | unchanged, skipped | |" in report
+    commit(tiny_workspace, "hnsw")
+
+
+def test_pipeline_with_overrides_runs_a_dvc_experiment(tiny_workspace, harness):
+    from flows.pipeline import pipeline
+
+    state, result = run_flow(pipeline, tiny_workspace, overrides=["evaluate.hybrid_weight=0.5"],
+                             dataset=TINY_PARAMS["prepare.dataset"])   # the same dataset: no override
+    assert state.is_completed(), state.message
+    assert result["ran"].keys() == {"evaluate"}
+    assert len(result["experiments"]) == len(ALL_STAGES)    # one `dvc exp run` per stage task
+    assert yaml.safe_load((tiny_workspace / "params.yaml").read_text())["evaluate"]["hybrid_weight"] == 0.5
+    exps = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], tiny_workspace).stdout.split()
+    assert set(result["experiments"]) <= set(exps)
+    report = artifact(state, "pipeline-metrics")
+    assert "Overrides: `evaluate.hybrid_weight=0.5` (`dvc exp run -S`)" in report
+    run(["git", "checkout", "params.yaml"], tiny_workspace)
+
+
+def test_a_failing_stage_fails_the_flow_with_its_error(tiny_workspace, harness):
+    from flows.evaluation import evaluation
+
+    set_params(tiny_workspace, {"evaluate.ks": "ten"})
+    try:
+        state, _ = run_flow(evaluation, tiny_workspace)
+    finally:
+        run(["git", "checkout", "params.yaml"], tiny_workspace)
+    assert state.is_failed()
+    error = "error: params.yaml: evaluate.ks: expected a list, got str 'ten'"
+    assert error in state.message and "stage 'evaluate' failed" in state.message
+    assert error in flow_logs(state)
+
+
+def _hold_lock(ws: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the workspace lock (as a concurrent flow run would) for `seconds`."""
+    code = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ws / LOCK_FILE), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_busy_workspace_is_skipped_or_waited_for(tiny_workspace, harness):
+    from flows.evaluation import evaluation
+
+    (tiny_workspace / LOCK_FILE).parent.mkdir(parents=True, exist_ok=True)
+    holder = _hold_lock(tiny_workspace, 60)
+    try:
+        state, _ = run_flow(evaluation, tiny_workspace, lock_timeout=0.5)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.is_completed() and state.name == "Skipped"
+    assert f"workspace {tiny_workspace} is busy" in state.message and "skipped" in state.message
+    logs = flow_logs(state)
+    assert "is busy" in logs and "$ dvc" not in logs            # DVC never started
+
+    holder = _hold_lock(tiny_workspace, 3)
+    try:
+        t0 = time.perf_counter()
+        state, result = run_flow(evaluation, tiny_workspace, lock_timeout=60)
+        waited = time.perf_counter() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.is_completed() and state.name == "Completed"
+    assert result["skipped"] and waited > 1.5
+
+
+# ---------------------------------------------------------------- end to end: a real server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"{what}: a process exited early ({p.args})"
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_served_pipeline_deployment_end_to_end(tmp_path):
+    ws = make_workspace(tmp_path / "repo")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in flow_env().items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="INFO")
+    server = serve = None
+    logs = {"server": tmp_path / "server.log", "serve": tmp_path / "serve.log"}
+    try:
+        with open(logs["server"], "w") as out:
+            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                       "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+        def healthy():
+            try:
+                return httpx.get(f"{api}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(healthy, 120, "the Prefect server's health check", [server])
+        with open(logs["serve"], "w") as out:
+            serve = subprocess.Popen([sys.executable, "flows/deploy.py", "--workspace", str(ws)], cwd=ROOT,
+                                     env={**env, "PREFECT_API_URL": api}, stdout=out, stderr=subprocess.STDOUT)
+
+        def deployment():
+            r = httpx.get(f"{api}/deployments/name/pipeline/dprpipe", timeout=5)
+            return r.json() if r.status_code == 200 else None
+
+        dep = _wait(deployment, 120, "the served pipeline deployment", [server, serve])
+        assert dep["parameters"]["workspace"] == str(ws)
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * 6"]
+        names = {d["name"] for d in httpx.post(f"{api}/flows/filter", json={}, timeout=5).json()}
+        assert {"mining", "training", "encoding", "evaluation", "pipeline"} <= names
+
+        run_id = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=10).json()["id"]
+
+        def finished():
+            state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait(finished, 400, "the pipeline flow run", [server, serve])
+        assert state["type"] == "COMPLETED", f"{state}\n{logs['serve'].read_text()[-4000:]}"
+
+        found = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}},
+                           timeout=5).json()
+        [report] = [a for a in found if a["key"] == "pipeline-metrics"]
+        assert report["type"] == "markdown" and "| dpr |" in report["data"] and "ndcg@10" in report["data"]
+        assert "| train | **ran** |" in report["data"]
+        assert json.loads((ws / "metrics" / "retrieval.json").read_text())["dpr"]["queries"] == 6
+    finally:
+        _stop(serve)
+        _stop(server)
+    assert serve.returncode is not None and server.returncode is not None

@@ -1,0 +1,181 @@
+"""dprpipe.model: the DPR loss and pooling against hand computations, configs, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
+from dense_fixtures import tiny_encoder
+from transformers import AutoModel
+
+from dprpipe.encode import encode_texts
+from dprpipe.model import CONFIG_NAME, DualEncoder, EncoderConfig, compute_loss, compute_similarity, pool
+
+
+def reference_nll(scores, targets, mask=None, temperature=1.0):
+    """Plain-python DPR loss: mean over rows of -log softmax(scores[i] / T)[targets[i]], masked columns dropped."""
+    total = 0.0
+    for i, row in enumerate(scores):
+        kept = [s / temperature for j, s in enumerate(row) if mask is None or not mask[i][j]]
+        log_z = math.log(sum(math.exp(s) for s in kept))
+        total += log_z - row[targets[i]] / temperature
+    return total / len(scores)
+
+
+# 3 questions x 5 passages: columns 0..2 are the questions' positives, 3..4 hard negatives.
+SCORES = [[2.0, 0.5, -1.0, 1.5, 0.0],
+          [0.3, 1.2, 0.8, -0.4, 2.5],
+          [1.0, 1.0, 0.2, 0.7, -2.0]]
+TARGETS = [0, 1, 2]
+# question 1's other positive is column 4 (a hard negative of someone else); question 2's is column 0
+MASK = [[False] * 5,
+        [False, False, False, False, True],
+        [True, False, False, False, False]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.05, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_compute_loss_matches_hand_written_nll(masked, temperature):
+    mask = MASK if masked else None
+    got = compute_loss(torch.tensor(SCORES), torch.tensor(TARGETS),
+                       torch.tensor(mask) if masked else None, temperature)
+    assert got.item() == pytest.approx(reference_nll(SCORES, TARGETS, mask, temperature), rel=1e-5)
+
+
+def test_compute_loss_hand_worked_value():
+    # one question, positive score 1 vs a negative scored 0: -log(e / (e + 1)) = log(1 + 1/e)
+    got = compute_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    assert got.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    # masking the only negative leaves a certain positive: loss 0
+    got = compute_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([[False, True]]))
+    assert got.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mask_changes_the_loss():
+    plain = compute_loss(torch.tensor(SCORES), torch.tensor(TARGETS))
+    masked = compute_loss(torch.tensor(SCORES), torch.tensor(TARGETS), torch.tensor(MASK))
+    assert masked.item() < plain.item()  # removing competitors can only lower the NLL
+
+
+def test_compute_loss_on_random_scores_against_numpy():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(6, 14)).astype(np.float32)
+    targets = rng.permutation(6)
+    mask = rng.random((6, 14)) < 0.2
+    mask[np.arange(6), targets] = False
+    got = compute_loss(torch.from_numpy(scores), torch.from_numpy(targets), torch.from_numpy(mask), 0.3)
+    logits = np.where(mask, -np.inf, scores.astype(np.float64) / 0.3)
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert got.item() == pytest.approx(-log_softmax[np.arange(6), targets].mean(), rel=1e-5)
+
+
+def test_compute_similarity_is_inner_product():
+    q = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    p = torch.tensor([[3.0, 1.0], [1.0, 1.0], [-2.0, 0.5]])
+    assert compute_similarity(q, p).tolist() == [[5.0, 3.0, -1.0], [-1.0, -1.0, -0.5]]
+
+
+HIDDEN = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]],     # third token is padding
+                       [[-1.0, 0.0], [5.0, 6.0], [7.0, 8.0]]])
+ATTN = torch.tensor([[1, 1, 0], [1, 1, 1]])
+
+
+@pytest.mark.parametrize("pooling, expected", [
+    ("cls", [[1.0, 2.0], [-1.0, 0.0]]),
+    ("mean", [[2.0, 3.0], [11 / 3, 14 / 3]]),  # padding excluded: (1+3)/2, (2+4)/2
+])
+def test_pool_by_hand(pooling, expected):
+    got = pool(HIDDEN, ATTN, pooling)
+    assert torch.allclose(got, torch.tensor(expected))
+
+
+def test_unknown_pooling_raises_naming_it():
+    with pytest.raises(ValueError, match="'max'"):
+        pool(HIDDEN, ATTN, "max")
+    with pytest.raises(ValueError, match="'max'"):
+        EncoderConfig(pooling="max")
+
+
+@pytest.mark.parametrize("bad", [{"pooling": "CLS"}, {"precision": "fp16"}, {"query_max_length": 0},
+                                 {"passage_max_length": -1}])
+def test_encoder_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        EncoderConfig(**bad)
+
+
+def test_encoder_config_rejects_unknown_keys():
+    with pytest.raises(TypeError):
+        EncoderConfig(polling="mean")
+
+
+TEXTS = ["what causes scurvy ?", "vitamin c deficiency leads to scurvy in sailors on long voyages", "x"]
+
+
+def _embed(model):
+    return encode_texts(model, TEXTS, "query"), encode_texts(model, TEXTS, "passage")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_normalize_gives_unit_vectors(pooling):
+    model = tiny_encoder(pooling=pooling, normalize=True)
+    q, p = _embed(model)
+    assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    raw = tiny_encoder(pooling=pooling, normalize=False)
+    q_raw, _ = _embed(raw)
+    assert np.allclose(q, q_raw / np.linalg.norm(q_raw, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_shared_checkpoint_round_trip(tmp_path):
+    model = tiny_encoder(pooling="cls", normalize=True)
+    assert model.query_model is model.passage_model
+    model.save(tmp_path, {"epoch": 3})
+
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["epoch"] == 3 and meta["encoder"]["pooling"] == "cls"
+
+    loaded, meta = DualEncoder.load(str(tmp_path))
+    assert meta["epoch"] == 3
+    assert loaded.cfg == model.cfg  # the checkpoint's own config wins
+    assert loaded.query_model is loaded.passage_model
+    for a, b in zip(_embed(model), _embed(loaded)):
+        assert np.array_equal(a, b)
+
+    # the folder is a plain Hugging Face model
+    hf = AutoModel.from_pretrained(tmp_path)
+    state = model.query_model.state_dict()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_load_ignores_a_passed_config_for_a_checkpoint(tmp_path):
+    tiny_encoder(pooling="cls").save(tmp_path)
+    loaded, _ = DualEncoder.load(str(tmp_path), EncoderConfig(pooling="mean"))
+    assert loaded.cfg.pooling == "cls"
+
+
+def test_separate_encoders_checkpoint_round_trip(tmp_path):
+    model = tiny_encoder(shared=False)
+    assert model.query_model is not model.passage_model
+    model.save(tmp_path)
+    for sub in ("query_encoder", "passage_encoder"):
+        assert (tmp_path / sub / "model.safetensors").is_file()
+        assert not list((tmp_path / sub).glob("*.bin"))
+
+    loaded, _ = DualEncoder.load(str(tmp_path))
+    assert not loaded.cfg.shared and loaded.query_model is not loaded.passage_model
+    q, p = _embed(model)
+    q2, p2 = _embed(loaded)
+    assert np.array_equal(q, q2) and np.array_equal(p, p2)
+    assert not np.allclose(q, p)  # the two towers really differ, so a swap would show
+
+    for sub, original in (("query_encoder", model.query_model), ("passage_encoder", model.passage_model)):
+        hf = AutoModel.from_pretrained(tmp_path / sub)
+        state = original.state_dict()
+        for name, tensor in hf.state_dict().items():
+            assert torch.equal(tensor, state[name]), (sub, name)

@@ -1,0 +1,247 @@
+"""dprpipe.train: batch sampling, the masked in-batch loss, a tiny training run and exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
+from dense_fixtures import TOPICS, tiny_encoder, toy_corpus, toy_negatives, toy_queries
+
+import dprpipe.train as train_mod
+from dprpipe.data import Passage, Query
+from dprpipe.model import DualEncoder, compute_loss, compute_similarity, passage_texts
+from dprpipe.train import TrainConfig, TrainData, batch_loss, epoch_batches, train
+
+# ---------------------------------------------------------------- sampling (no model)
+
+
+def _sampling_data(n_passages=30, n_queries=12, mined=8):
+    corpus = [Passage(f"p{i}", "", f"passage {i}") for i in range(n_passages)]
+    queries = [Query(f"q{i}", f"question {i}", relevant={f"p{i}": 1, f"p{i + n_queries}": 2})
+               for i in range(n_queries)]
+    queries.append(Query("unjudged", "no positive", relevant={"p0": 0}))  # grade 0: never trained on
+    negatives = {q.id: [f"p{(int(q.id[1:]) + 1 + k) % n_passages}" for k in range(mined)]
+                 for q in queries if q.id != "unjudged"}
+    for q in queries:  # mining never returns gold; keep the fixture honest about that
+        negatives[q.id] = [d for d in negatives.get(q.id, []) if d not in q.relevant]
+    return TrainData(corpus, queries, [], negatives)
+
+
+def _pid(data):
+    return {p.id: i for i, p in enumerate(data.corpus)}
+
+
+def _flat(batches):
+    return [(q.id, pos, tuple(negs)) for b in batches for q, pos, negs in b]
+
+
+def test_epoch_batches_deterministic_and_cover_each_question_once():
+    data = _sampling_data()
+    cfg = TrainConfig(batch_size=5, hard_negatives=2, negative_pool=4, seed=3)
+    a = epoch_batches(data, cfg, 0, _pid(data))
+    assert _flat(a) == _flat(epoch_batches(data, cfg, 0, _pid(data)))
+    assert [len(b) for b in a] == [5, 5, 2]
+    assert sorted(q for q, _, _ in _flat(a)) == sorted(f"q{i}" for i in range(12))  # "unjudged" left out
+    # a different epoch or seed reshuffles
+    assert _flat(epoch_batches(data, cfg, 1, _pid(data))) != _flat(a)
+    assert _flat(epoch_batches(data, replace(cfg, seed=4), 0, _pid(data))) != _flat(a)
+
+
+def test_epoch_batches_sample_positives_and_hard_negatives_from_the_pool():
+    data = _sampling_data()
+    pid = _pid(data)
+    cfg = TrainConfig(batch_size=4, hard_negatives=2, negative_pool=4, seed=1)
+    by_id = {q.id: q for q in data.train}
+    chosen_pos, chosen_neg = Counter(), Counter()
+    for epoch in range(20):
+        for qid, pos, negs in _flat(epoch_batches(data, cfg, epoch, pid)):
+            gold = {pid[d] for d in by_id[qid].positives}
+            pool = [pid[d] for d in data.negatives[qid][:cfg.negative_pool]]
+            assert pos in gold
+            assert len(negs) == 2 and len(set(negs)) == 2
+            assert set(negs) <= set(pool)          # only the top `negative_pool` mined negatives
+            assert not set(negs) & gold            # never a positive
+            chosen_pos[qid, pos] += 1
+            chosen_neg.update((qid, n) for n in negs)
+    # both judged positives and the whole pool get used over epochs (sampling, not always the first)
+    assert len(chosen_pos) == 2 * 12
+    assert len(chosen_neg) == 4 * 12
+
+
+def test_epoch_batches_fall_back_to_random_negatives():
+    data = _sampling_data()
+    data.negatives = {"q0": [], "q1": ["p20"], "q2": ["not-in-corpus"]}  # q3.. have no entry at all
+    pid = _pid(data)
+    cfg = TrainConfig(batch_size=4, hard_negatives=3, negative_pool=4, seed=5)
+    by_id = {q.id: q for q in data.train}
+    seen = set()
+    for epoch in range(5):
+        for qid, pos, negs in _flat(epoch_batches(data, cfg, epoch, pid)):
+            gold = {pid[d] for d in by_id[qid].positives}
+            assert len(negs) == 3 and len(set(negs)) == 3
+            assert not set(negs) & gold
+            assert all(0 <= n < len(data.corpus) for n in negs)
+            if qid == "q1":
+                assert pid["p20"] in negs  # the one mined negative is kept, the rest are random
+            seen.update(negs)
+    assert len(seen) > 10  # random, not a fixed few
+
+
+def test_epoch_batches_fallback_on_a_tiny_corpus_stops():
+    corpus = [Passage("a", "", "x"), Passage("b", "", "y")]
+    data = TrainData(corpus, [Query("q", "x", relevant={"a": 1})], [], {})
+    cfg = TrainConfig(batch_size=1, hard_negatives=3)
+    (batch,) = epoch_batches(data, cfg, 0, _pid(data))
+    assert batch[0][1:] == (0, [1])  # only one non-gold passage exists
+
+
+def test_batch_loss_masks_other_copies_of_own_positives():
+    model = tiny_encoder(pooling="mean", normalize=True)
+    model.eval()  # no dropout: the two computations must see the same network
+    corpus = toy_corpus()
+    pid = _pid(TrainData(corpus, [], [], {}))
+    q0 = Query("q0", "tell me about the apple", relevant={"p0": 1})
+    q1 = Query("q1", "apple or river ?", relevant={"p0": 1, "p1": 1})
+    q2 = Query("q2", "an apple question", relevant={"p0": 1})
+    # q0 and q2 both bring p0; q2's hard negative p1 is a positive of q1
+    batch = [(q0, 0, [5]), (q1, 1, [6]), (q2, 0, [1])]
+    cols = [0, 1, 0, 5, 6, 1]
+    expected_mask = torch.zeros(3, 6, dtype=torch.bool)
+    expected_mask[0, 2] = True                      # q0: the other copy of p0
+    expected_mask[1, [0, 2, 5]] = True              # q1: both copies of p0 and the extra p1
+    expected_mask[2, 0] = True                      # q2: the other copy of p0
+    with torch.no_grad():
+        got = batch_loss(model, batch, corpus, pid, temperature=0.1)
+        q = model.encode_query(model.tokenize_queries([q0.text, q1.text, q2.text]))
+        p = model.encode_passage(model.tokenize_passages(passage_texts([corpus[c] for c in cols], True)))
+        scores = compute_similarity(q, p)
+        targets = torch.arange(3)
+        want = compute_loss(scores, targets, expected_mask, 0.1)
+        unmasked = compute_loss(scores, targets, None, 0.1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(got.item() - unmasked.item()) > 1e-3  # the mask matters here
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="'mrr'"):
+        TrainConfig(validation="mrr")
+    with pytest.raises(ValueError):
+        TrainConfig(batch_size=0)
+
+
+# ---------------------------------------------------------------- training runs
+
+CFG = TrainConfig(epochs=3, batch_size=4, hard_negatives=1, negative_pool=3, lr=3e-3, warmup_ratio=0.0,
+                  temperature=0.1, checkpoint_every=3, seed=7, val_negatives=3)
+ENCODER = {"pooling": "mean", "normalize": True}
+STEPS_PER_EPOCH = len(TOPICS) // CFG.batch_size  # 4
+
+
+def _data():
+    train_q, dev_q = toy_queries()
+    return TrainData(toy_corpus(), train_q, dev_q, toy_negatives())
+
+
+def _weights(folder):
+    model, meta = DualEncoder.load(str(folder))
+    return model.state_dict(), meta
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+
+def _comparable(history):
+    """History without the wall-clock fields."""
+    return [{k: v for k, v in h.items() if k not in ("seconds", "questions_per_s")} for h in history]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """The reference: an uninterrupted run."""
+    root = tmp_path_factory.mktemp("run_a")
+    model = tiny_encoder(seed=0, **ENCODER)
+    history = train(model, _data(), CFG, root / "out", root / "state", progress=False)
+    return root, history, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_training_lowers_the_loss_and_validates(run_a):
+    root, history, _ = run_a
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[0]["loss"] is None  # epoch 0 is the untrained model
+    losses = [h["loss"] for h in history[1:]]
+    print("epoch losses", losses, "val ndcg@10", [h["val_ndcg@10"] for h in history])
+    assert losses[-1] < 0.8 * losses[0]
+    for h in history:
+        assert 0.0 <= h["val_ndcg@10"] <= 1.0 and h["val_avg_rank"] >= 0
+    assert history[-1]["val_ndcg@10"] > history[0]["val_ndcg@10"]
+
+    # out_dir is the best epoch by validation, with its config and scores
+    meta = json.loads((root / "out" / "dpr_config.json").read_text())
+    scores = [h["val_ndcg@10"] for h in history]
+    assert meta["epoch"] == scores.index(max(scores))
+    assert meta["validation"]["ndcg@10"] == pytest.approx(max(scores))
+    assert meta["train"]["lr"] == CFG.lr and meta["encoder"]["normalize"] is True
+    assert (root / "out" / "model.safetensors").is_file()
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monkeypatch, capsys):
+    root_a, history_a, final_a = run_a
+    out, state = tmp_path / "out", tmp_path / "state"
+
+    # run B: killed during the 4th step of epoch 1, after the checkpoint taken at step 3
+    real_batch_loss, calls = train_mod.batch_loss, []
+
+    def dying_batch_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "batch_loss", dying_batch_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_encoder(seed=0, **ENCODER), _data(), CFG, out, state, progress=False)
+    monkeypatch.undo()
+    prog = json.loads((state / "last" / "progress.json").read_text())
+    assert (prog["epoch"], prog["step_in_epoch"], prog["global_step"]) == (0, 3, 3)
+    assert not out.exists()
+
+    # resume into a model with other weights: everything must come from the saved state
+    capsys.readouterr()
+    model = tiny_encoder(seed=123, **ENCODER)
+    history_b = train(model, _data(), CFG, out, state, progress=False)
+    assert "resuming" in capsys.readouterr().out
+
+    assert _comparable(history_b) == _comparable(history_a)
+    _assert_same_weights(model.state_dict(), final_a)
+    weights_a, meta_a = _weights(root_a / "out")
+    weights_b, meta_b = _weights(out)
+    _assert_same_weights(weights_b, weights_a)
+    assert meta_b == meta_a
+
+
+def test_state_of_a_different_config_is_ignored(run_a, tmp_path, capsys):
+    root_a, history_a, _ = run_a
+    other = replace(CFG, epochs=1, lr=1e-3)
+    # fresh reference for the other config
+    fresh = train(tiny_encoder(seed=0, **ENCODER), _data(), other, tmp_path / "fresh_out", tmp_path / "fresh_state",
+                  progress=False)
+    # the same config started over run A's (finished) state
+    shutil.copytree(root_a / "state", tmp_path / "state")
+    capsys.readouterr()
+    history = train(tiny_encoder(seed=0, **ENCODER), _data(), other, tmp_path / "out", tmp_path / "state",
+                    progress=False)
+    assert "ignoring" in capsys.readouterr().out
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert _comparable(history) == _comparable(fresh)
+    assert _comparable(history) != _comparable(history_a)[:2]
+    _assert_same_weights(_weights(tmp_path / "out")[0], _weights(tmp_path / "fresh_out")[0])
+    progress = json.loads((tmp_path / "state" / "last" / "progress.json").read_text())
+    assert progress["epoch"] == 1 and progress["global_step"] == STEPS_PER_EPOCH
