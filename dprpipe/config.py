@@ -57,6 +57,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # `dvc exp run -S train.lr=3e-5` writes 3e-05, which YAML 1.1 reads as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected float, got str {value!r}") from None
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ValueError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

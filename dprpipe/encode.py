@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Passage
-from .io import DataError, atomic_write
+from .io import DataError, atomic_write, read_ids, write_ids
 from .model import DualEncoder, autocast, passage_texts
 
 
@@ -88,11 +88,6 @@ def encode_passages_to(model: DualEncoder, passages: Iterable[Passage], n: int, 
         raise
 
 
-def read_ids(path: str | os.PathLike) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
 def load_embeddings(npy_path: str | os.PathLike, ids_path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     """Memory-map embeddings and read their ids; a size mismatch or a bad file is a DataError."""
     try:
@@ -110,5 +105,4 @@ def save_embeddings(npy_path: str | os.PathLike, ids_path: str | os.PathLike, em
                     ids: Sequence[str]) -> None:
     with atomic_write(npy_path, "wb") as f:
         np.save(f, np.ascontiguousarray(emb, dtype=np.float32))
-    with atomic_write(ids_path) as f:
-        f.writelines(i + "\n" for i in ids)
+    write_ids(ids_path, ids)

@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .io import DataError, atomic_dir, atomic_write
+from .io import DataError, atomic_dir, read_ids, write_ids
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,7 @@ def save_index(path: str | os.PathLike, index: faiss.Index, ids: Sequence[str], 
         raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
     with atomic_dir(path) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
-        with atomic_write(tmp / "ids.txt") as f:
-            f.writelines(i + "\n" for i in ids)
+        write_ids(tmp / "ids.txt", ids)
         (tmp / "index.json").write_text(json.dumps({**asdict(cfg), "ntotal": index.ntotal, "dim": index.d}, indent=2))
 
 
@@ -89,8 +88,7 @@ class Searcher:
             index = faiss.read_index(str(path / "index.faiss"))
         except (OSError, RuntimeError, ValueError) as e:
             raise DataError(path, None, f"cannot read the FAISS index ({e}); rerun the index stage") from None
-        with open(path / "ids.txt", encoding="utf-8") as f:
-            ids = [line.rstrip("\n") for line in f]
+        ids = read_ids(path / "ids.txt")
         if index.ntotal != len(ids) or meta.get("ntotal") != len(ids):
             raise DataError(path, None, f"index has {index.ntotal} vectors but ids.txt has {len(ids)}; "
                             "rerun the index stage")

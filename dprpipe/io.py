@@ -201,6 +201,21 @@ def read_run(path: str | os.PathLike) -> Run:
     return run
 
 
+def write_ids(path: str | os.PathLike, ids: Iterable[str]) -> None:
+    """Write an id list, one per line (the row order of an embedding matrix or an index)."""
+    with atomic_write(path) as f:
+        for i in ids:
+            if "\n" in i:
+                raise DataError(path, None, f"id {i!r} contains a newline")
+            f.write(i + "\n")
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """Read an id list written by `write_ids`."""
+    with open_text(path) as f:
+        return [line.rstrip("\n") for line in f]
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write pretty JSON atomically (metrics files are read by people and by `dvc metrics`)."""
     with atomic_write(path) as f:

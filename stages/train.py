@@ -46,7 +46,9 @@ def main() -> None:
     model.to(device())
     history = train(model, data, cfg, args.out, args.state)
     last = history[-1] if history else {}
-    write_json(args.metrics, {"epochs": len(history), "train_seconds": round(sum(h["seconds"] for h in history), 1),
+    # epoch 0 is the validation of the starting model, not a trained epoch
+    write_json(args.metrics, {"epochs": max((h["epoch"] for h in history), default=0),
+                              "train_seconds": round(sum(h["seconds"] for h in history), 1),
                               **{k: round(v, 4) for k, v in last.items() if k.startswith("val_")}})
     with atomic_write(args.plot) as f:
         f.write("epoch,loss,val_ndcg@10,val_avg_rank\n")

@@ -42,7 +42,7 @@ def test_unknown_keys_are_listed():
     ("n", "3", "s.n: expected int, got str '3'"),
     ("n", 2.5, "s.n: expected int, got float 2.5"),
     ("n", True, "s.n: expected int, got bool True"),          # bool is an int subclass: still rejected
-    ("rate", "0.1", "s.rate: expected float, got str"),
+    ("rate", "fast", "s.rate: expected float, got str 'fast'"),
     ("rate", False, "s.rate: expected float, got bool"),
     ("flag", 1, "s.flag: expected bool, got int 1"),
     ("flag", "yes", "s.flag: expected bool, got str"),
@@ -57,6 +57,13 @@ def test_wrong_types_name_the_key(key, value, expected):
     with pytest.raises(ValueError) as e:
         from_mapping(Cfg, {key: value}, "s")
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("text, value", [("3e-05", 3e-5), ("1.0e-5", 1e-5), ("0.1", 0.1)])
+def test_numeric_string_is_accepted_for_float(text, value):
+    # DVC's `exp run -S train.lr=3e-5` writes `3e-05`, which YAML 1.1 loads as a string
+    cfg = from_mapping(Cfg, {"rate": text}, "s")
+    assert cfg.rate == value and type(cfg.rate) is float
 
 
 def test_int_is_accepted_for_float():
