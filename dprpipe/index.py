@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .io import DataError, atomic_dir, read_ids, write_ids
+from .io import DataError, atomic_dir, read_ids, write_checksums, write_ids
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def save_index(path: str | os.PathLike, index: faiss.Index, ids: Sequence[str], 
         faiss.write_index(index, str(tmp / "index.faiss"))
         write_ids(tmp / "ids.txt", ids)
         (tmp / "index.json").write_text(json.dumps({**asdict(cfg), "ntotal": index.ntotal, "dim": index.d}, indent=2))
+        write_checksums(tmp)
 
 
 class Searcher:
@@ -82,20 +83,41 @@ class Searcher:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Searcher:
+        """Load an index folder written by `save_index`.
+
+        A missing, truncated or corrupted file (against the folder's checksums.sha256, when it
+        has one), an index that disagrees with its ids or its index.json, is a DataError naming
+        the folder: never a crash inside FAISS or a search over the wrong vectors.
+        """
+        from .io import verify_checksums
+
         path = Path(path)
+        fix = "rerun the index stage"
+        verify_checksums(path, fix)
         try:
-            meta = json.loads((path / "index.json").read_text())
+            meta = json.loads((path / "index.json").read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("index.json is not a JSON object")
+            if not (path / "index.faiss").is_file():  # faiss would crash on some missing-file paths
+                raise OSError("index.faiss not found")
             index = faiss.read_index(str(path / "index.faiss"))
-        except (OSError, RuntimeError, ValueError) as e:
-            raise DataError(path, None, f"cannot read the FAISS index ({e}); rerun the index stage") from None
+        except (OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+            raise DataError(path, None, f"cannot read the FAISS index ({' '.join(str(e).split())[:300]}); "
+                            f"{fix}") from None
         ids = read_ids(path / "ids.txt")
         if index.ntotal != len(ids) or meta.get("ntotal") != len(ids):
-            raise DataError(path, None, f"index has {index.ntotal} vectors but ids.txt has {len(ids)}; "
-                            "rerun the index stage")
-        if meta.get("kind") == "hnsw":
-            index.hnsw.efSearch = meta["ef_search"]
-        elif meta.get("kind") == "ivfpq":
-            index.nprobe = meta["nprobe"]
+            raise DataError(path, None, f"index has {index.ntotal} vectors but ids.txt has {len(ids)}; {fix}")
+        if "dim" in meta and meta["dim"] != index.d:
+            raise DataError(path, None, f"index has {index.d}-dimensional vectors, index.json says "
+                            f"{meta['dim']}; {fix}")
+        try:
+            if meta.get("kind") == "hnsw":
+                faiss.downcast_index(index).hnsw.efSearch = int(meta["ef_search"])
+            elif meta.get("kind") == "ivfpq":
+                faiss.extract_index_ivf(index).nprobe = int(meta["nprobe"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise DataError(path, None, f"index.json does not match index.faiss ({type(e).__name__}: {e}); "
+                            f"{fix}") from None
         return cls(index, ids)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:

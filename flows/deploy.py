@@ -25,15 +25,22 @@ import yaml
 if __package__ in (None, ""):   # run as a script: make the project's `flows` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefect import serve
-from prefect.client.schemas.schedules import CronSchedule
+LOCAL_HOST = "127.0.0.1"   # what every service this project starts listens on, unless told otherwise
+# The serve process's optional webserver (PREFECT_RUNNER_SERVER_ENABLE=true) binds Prefect's
+# default "localhost", whatever that resolves to; pin it to loopback unless the variable is set.
+# It must be set before prefect is imported: the runner's server thread reads the settings of
+# import time.
+os.environ.setdefault("PREFECT_RUNNER_SERVER_HOST", LOCAL_HOST)
 
-from flows.common import resolve_workspace
-from flows.encoding import encoding
-from flows.evaluation import evaluation
-from flows.mining import mining
-from flows.pipeline import pipeline
-from flows.training import training
+from prefect import serve  # noqa: E402
+from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
+
+from flows.common import resolve_workspace  # noqa: E402
+from flows.encoding import encoding  # noqa: E402
+from flows.evaluation import evaluation  # noqa: E402
+from flows.mining import mining  # noqa: E402
+from flows.pipeline import pipeline  # noqa: E402
+from flows.training import training  # noqa: E402
 
 FLOWS = {f.name: f for f in (mining, training, encoding, evaluation, pipeline)}
 SCHEDULES = Path(__file__).with_name("schedules.yaml")
@@ -78,8 +85,8 @@ def wait_for_server(timeout: float) -> None:
 
     url = PREFECT_API_URL.value()
     if not url:
-        sys.exit("error: PREFECT_API_URL is not set: start a server (prefect server start --host 127.0.0.1 "
-                 "--port 4200 --background) and run with PREFECT_API_URL=http://127.0.0.1:4200/api")
+        sys.exit(f"error: PREFECT_API_URL is not set: start a server (prefect server start --host {LOCAL_HOST} "
+                 f"--port 4200 --background) and run with PREFECT_API_URL=http://{LOCAL_HOST}:4200/api")
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while (error := client.api_healthcheck()) is not None:

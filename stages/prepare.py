@@ -1,6 +1,9 @@
-"""prepare: read a BEIR or DPR dataset and write the normalised corpus and query splits.
+"""prepare: read a BEIR or DPR dataset, check it, and write the normalised corpus and query splits.
 
-Outputs: <out>/corpus.jsonl, <out>/<split>.jsonl for each split, and a data report JSON.
+Outputs: <out>/corpus.jsonl, <out>/<split>.jsonl for each split, and a data report JSON (a DVC
+metric) with the counts and, under "checks", the cases each data check found. A check set
+to "error" (prepare.on_*) stops the stage with one line naming the file and line, and
+nothing is written; one set to "warn" prints a warning line and goes on.
 """
 
 from common import load_params, parser, run
@@ -21,7 +24,9 @@ def main() -> None:
         for split, queries in ds.splits.items():
             write_queries(tmp / f"{split}.jsonl", queries)
     write_json(args.report, report)
-    print(", ".join(f"{k}={v}" for k, v in report.items()))
+    flat = {**{k: v for k, v in report.items() if k != "checks"},
+            **{f"checks.{k}": v for k, v in report["checks"].items()}}
+    print(", ".join(f"{k}={v}" for k, v in flat.items()))
 
 
 if __name__ == "__main__":

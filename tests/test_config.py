@@ -1,6 +1,7 @@
 """from_mapping: typed configs from params.yaml sections."""
 
 import dataclasses
+import pathlib
 
 import pytest
 import yaml
@@ -120,3 +121,140 @@ def test_docstring_examples():
 
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- errors name the key, and the params file its line
+
+
+def test_config_error_carries_section_and_key():
+    from dprpipe.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        from_mapping(Cfg, {"n": "x"}, "s")
+    assert (e.value.section, e.value.key) == ("s", "n")
+    with pytest.raises(ConfigError) as e:
+        from_mapping(Cfg, {1: 2, "n": 1}, "s")               # YAML keys can be ints: listed, not a TypeError
+    assert e.value.key == 1 and "unknown key(s) 1" in str(e.value)
+    with pytest.raises(ConfigError) as e:                    # __post_init__: the key its message names first
+        from_mapping(PrepareConfig, {"dataset": "x", "dev_fraction": 1.5}, "prepare")
+    assert e.value.key == "dev_fraction" and "dev_fraction must be in [0, 1)" in str(e.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), "nan", "NaN"])
+def test_nan_is_not_a_number_here(value):
+    with pytest.raises(ValueError, match="s.rate: expected a number, got NaN"):
+        from_mapping(Cfg, {"rate": value}, "s")
+
+
+def _load(tmp_path, text):
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "stages"))
+    from common import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    try:
+        return load_params(path, "prepare", PrepareConfig)
+    except SystemExit as e:
+        assert str(e.code).startswith(f"error: {path}") and "\n" not in str(e.code)
+        return str(e.code)[len(f"error: {path}"):]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("mine: {}\nprepare:\n  dataset: x\n  max_word: 3\n", ":4: params section 'prepare': unknown key(s) max_word"),
+    ("prepare:\n  dataset: x\n\n  max_words: three\n", ":4: prepare.max_words: expected int, got str 'three'"),
+    ("prepare:\n  seed: 1\n  seed: 2\n", ":3: prepare.seed appears twice (first at line 2)"),
+    ("prepare:\n  seed: 1\nprepare:\n  seed: 2\n", ":3: section 'prepare' appears twice (first at line 1)"),
+    ("prepare:\n  seed: [1, 2\n  x: 3\n", ":3: not valid YAML"),
+    ("prepare:\n\tseed: 1\n", ":2: not valid YAML"),
+    ("prepare:\n  dataset: a\n  seed: \x07\n", ":3: not valid YAML (character #x0007 is not allowed)"),
+    (b"prepare:\n  dataset: caf\xe9\n", ":2: not valid UTF-8"),
+    ("- a\n- b\n", ":1: expected a mapping of sections"),
+    ("prepare: 3\n", ":1: section 'prepare' must be a mapping"),
+    ("prepare:\n  format: csv\n", ":2: params section 'prepare': format 'csv' is not a dataset format"),
+    ('prepare:\n  dataset: "a\x85b"\n  seed: x\n', ":3: prepare.seed: expected int"),     # NEL: not a line end
+    ("prepare: !!python/object:os.system {}\n", ":1: not valid YAML (could not determine a constructor"),
+    ("prepare:\n  dataset: " + "[" * 5000 + "\n", ":2: not valid YAML"),
+])
+def test_params_file_errors_name_the_line(tmp_path, text, expected):
+    got = _load(tmp_path, text)
+    assert isinstance(got, str) and got.startswith(expected), got
+
+
+def test_params_file_that_loads(tmp_path):
+    assert _load(tmp_path, "") == PrepareConfig()
+    assert _load(tmp_path, "\ufeffprepare:\n  seed: 4\n").seed == 4                   # a UTF-8 byte-order mark
+    assert _load(tmp_path, "base: &b {seed: 3}\nprepare:\n  <<: *b\n  dataset: q\n") == \
+        PrepareConfig(dataset="q", seed=3)                                              # YAML merge keys
+    assert _load(tmp_path, "base: &b {sed: 3}\nprepare:\n  <<: *b\n").startswith(":1: ")   # merged key's line
+
+
+def test_missing_params_file(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "stages"))
+    from common import load_params
+
+    with pytest.raises(SystemExit, match=r"^error: .*nowhere.yaml: cannot read the params file"):
+        load_params(tmp_path / "nowhere.yaml", "prepare", PrepareConfig)
+
+
+# ---------------------------------------------------------------- services listen on 127.0.0.1
+
+
+@pytest.mark.slow   # a fresh interpreter importing prefect: ~5-10 s
+def test_services_listen_on_loopback_by_default(tmp_path):
+    # what the serve process (flows/deploy.py) and `prefect server start` would bind, with no user
+    # profile or PREFECT_* variable in the way; the runner reads its host in a thread of its own
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    code = f"""
+import json, sys, threading
+sys.path.insert(0, {str(root)!r})
+import flows.deploy as deploy
+from prefect.settings import (PREFECT_CLIENT_METRICS_ENABLED, PREFECT_RUNNER_SERVER_ENABLE,
+                              PREFECT_RUNNER_SERVER_HOST, PREFECT_SERVER_API_HOST)
+seen = {{}}
+t = threading.Thread(target=lambda: seen.update(runner=PREFECT_RUNNER_SERVER_HOST.value()))
+t.start(); t.join()
+print(json.dumps({{"runner": seen["runner"], "server": PREFECT_SERVER_API_HOST.value(), "const": deploy.LOCAL_HOST,
+                  # off by default; on, they would listen on every interface (Prefect has no host for them)
+                  "runner_webserver_on": PREFECT_RUNNER_SERVER_ENABLE.value(),
+                  "client_metrics_on": PREFECT_CLIENT_METRICS_ENABLED.value()}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {
+        "runner": "127.0.0.1", "server": "127.0.0.1", "const": "127.0.0.1",
+        "runner_webserver_on": False, "client_metrics_on": False}
+
+
+def test_documented_service_commands_bind_loopback():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    starts = re.findall(r"prefect server start[^\n`]*", readme)
+    assert starts and all("--host 127.0.0.1" in s for s in starts), starts
+    workers = re.findall(r"prefect worker start[^\n`]*", readme)
+    assert all("--with-healthcheck" not in w for w in workers), workers   # its health server binds every interface
+    sources = [root / "README.md", root / "prefect.yaml", *(root / "flows").glob("*.py"),
+               *(root / "dprpipe").glob("*.py"), *(root / "stages").glob("*.py")]
+    wide = [p.name for p in sources if re.search(r"0\.0\.0\.0|host\s*=\s*['\"]{2}", p.read_text())]
+    assert wide == [], f"listening on every interface: {wide}"
+    # a Dask cluster the flows start: scheduler and workers on loopback, no dashboard on every interface
+    for path in (root / "flows").glob("*.py"):
+        text = path.read_text()
+        hosts = re.findall(r"""["']?host["']?\s*[:=]\s*["']([^"']*)["']""", text)
+        dashboards = re.findall(r"""dashboard_address["']?\s*[:=]\s*([^,)}\n]+)""", text)
+        assert all(h == "127.0.0.1" for h in hosts), (path.name, hosts)
+        assert all(d.strip() == "None" or "127.0.0.1" in d for d in dashboards), (path.name, dashboards)

@@ -277,7 +277,9 @@ def test_prepare_beir(tmp_path):
     assert report == {"documents": 6, "passages": 8,
                       "train_queries": 8, "train_judgements": judgements["train"],
                       "test_queries": 2, "test_judgements": 4,
-                      "dev_queries": 2, "dev_judgements": judgements["dev"]}
+                      "dev_queries": 2, "dev_judgements": judgements["dev"],
+                      "checks": {"duplicate_ids": 0, "empty_texts": 0, "missing_passages": 0,
+                                 "unjudged_queries": 0, "leakage": 0}}
     # q0 has 4 positives and q1's grade-0 judgement does not count: 10 + 3 in all
     assert judgements["train"] + judgements["dev"] == 13
 
@@ -346,7 +348,7 @@ def test_duplicate_query_id(tmp_path):
 
 
 @pytest.mark.parametrize("row,line,problem", [
-    ("q1\tnope\t1", 3, "document 'nope'"),                 # judged against an unknown document
+    ("q1\tnope\t1", 3, "passage 'nope', which is not in the corpus"),   # an unknown document
     ("q9\td1\t1", 3, "query 'q9'"),                          # an unknown query
     ("q1\td1\thigh", 3, "relevance 'high' is not an integer"),
     ("q1\td1", 3, "expected 3 tab-separated columns, got 2"),
@@ -431,6 +433,118 @@ def test_bad_passages_tsv_row(tmp_path):
     with pytest.raises(DataError, match="expected 3 tab-separated columns, got 4") as e:
         read_dataset(folder)
     assert_data_error(e, folder / "passages.tsv", 3)
+
+
+# ---------------------------------------------------------------- bad input the fuzz tests found
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('{"_id": "a\\tb", "text": "x"}', "not a usable id"),            # a tab would break the run TSVs
+    ('{"_id": "a\\nb", "text": "x"}', "not a usable id"),            # a newline would break ids.txt
+    ('{"_id": " ", "text": "x"}', "not a usable id"),
+    ('{"_id": "x", "text": "caf\\udce9"}', "unpaired UTF-16 surrogate"),  # fails only when written
+    ('{"_id": "x", "text": "a", "n": ' + "9" * 5000 + "}", "malformed JSON"),  # ValueError, not JSONDecodeError
+    ('{"_id": "x", "text": ' + "[" * 50_000 + "}", "malformed JSON"),     # RecursionError
+])
+def test_corpus_lines_that_used_to_crash_later(tmp_path, line, problem):
+    folder = beir_dataset(tmp_path / "beir")
+    lines = [json.dumps(d) for d in BEIR_CORPUS]
+    lines.insert(1, line)
+    write_lines(folder / "corpus.jsonl", lines)
+    with pytest.raises(DataError, match=problem) as e:
+        prepare(PrepareConfig(dataset=str(folder)))
+    assert_data_error(e, folder / "corpus.jsonl", 2)
+    assert len(str(e.value)) < 700                       # one readable line, even for a huge field
+
+
+def test_a_surrogate_pair_escape_is_text(tmp_path):
+    folder = beir_dataset(tmp_path / "beir")
+    write_lines(folder / "corpus.jsonl", [json.dumps(d) for d in BEIR_CORPUS] +
+                ['{"_id": "emoji", "text": "smile \\ud83d\\ude00"}'])
+    ds, _ = prepare(PrepareConfig(dataset=str(folder)))
+    assert ds.corpus[-1] == Passage("emoji", "", "smile \U0001F600")
+
+
+def test_utf8_byte_order_mark_is_skipped(tmp_path):
+    folder = beir_dataset(tmp_path / "beir")
+    qrels = folder / "qrels" / "test.tsv"
+    qrels.write_bytes(b"\xef\xbb\xbf" + qrels.read_bytes())      # the header is still recognised
+    corpus = folder / "corpus.jsonl"
+    corpus.write_bytes(b"\xef\xbb\xbf" + corpus.read_bytes())
+    assert read_dataset(folder).splits == read_dataset(beir_dataset(tmp_path / "plain")).splits
+
+
+def test_huge_line_is_a_data_error(tmp_path, monkeypatch):
+    import dprpipe.io
+
+    folder = beir_dataset(tmp_path / "beir")
+    lines = [json.dumps(d) for d in BEIR_CORPUS]
+    lines.insert(3, json.dumps({"_id": "big", "text": "word " * 400}))
+    write_lines(folder / "corpus.jsonl", lines)
+    assert len(prepare(PrepareConfig(dataset=str(folder)))[0].corpus) == 5
+    monkeypatch.setattr(dprpipe.io, "MAX_LINE", 1000)
+    with pytest.raises(DataError, match="line longer than 1000 characters") as e:
+        prepare(PrepareConfig(dataset=str(folder)))
+    assert_data_error(e, folder / "corpus.jsonl", 4)
+
+
+@pytest.mark.parametrize("row,problem", [
+    ("q2\t\t1", "corpus id '' is not a usable id"),
+    ("\td2\t1", "query id '' is not a usable id"),
+    ("q2\td2\t1\x00", "NUL byte"),
+    ("q2\td2\t" + "7" * 5000, "is not an integer"),
+])
+def test_bad_qrels_fields(tmp_path, row, problem):
+    folder = beir_dataset(tmp_path / "beir")
+    write_lines(folder / "qrels" / "test.tsv", ["q2\td2\t1", row])
+    with pytest.raises(DataError, match=problem) as e:
+        prepare(PrepareConfig(dataset=str(folder)))
+    assert_data_error(e, folder / "qrels" / "test.tsv", 2)
+    assert len(str(e.value)) < 700
+
+
+@pytest.mark.parametrize("ctx,problem", [
+    ({"text": "t", "passage_id": 1.5}, "passage_id must be a string or an integer, got float"),
+    ({"text": "t", "passage_id": ["1"]}, "passage_id must be a string or an integer, got list"),
+    ({"text": "t", "passage_id": True}, "got bool"),
+    ({"text": "t", "passage_id": "a\tb"}, "not a usable id"),
+])
+def test_bad_dpr_passage_ids(tmp_path, ctx, problem):
+    folder = write_dpr(tmp_path / "dpr", {"train": [dpr_item("q", ["a"], positives=[ctx])]})
+    with pytest.raises(DataError, match=problem) as e:
+        read_dataset(folder)
+    assert_data_error(e, folder / "train.json", 2)
+
+
+def test_text_after_the_dpr_list_is_an_error(tmp_path):
+    folder = write_dpr(tmp_path / "dpr", {"train": _pretty_list(2)})
+    path = folder / "train.json"
+    path.write_text(path.read_text() + "\n[]\n")                     # two lists in one file
+    with pytest.raises(DataError, match="after the closing") as e:
+        read_dataset(folder)
+    assert e.value.line == path.read_text().count("\n")
+
+
+def test_a_huge_dpr_item_reads_in_linear_time(tmp_path):
+    # one 4 MB item with a 1 kB chunk: re-parsing from the item's start on every chunk would take minutes
+    import time
+
+    item = dpr_item("q", ["a"], positives=[{"title": "", "text": "word " * 800_000, "passage_id": "1"}])
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([item, item]))
+    t0 = time.perf_counter()
+    assert [line for line, _ in iter_json_array(path, chunk_size=1024)] == [1, 1]
+    assert time.perf_counter() - t0 < 5
+
+
+def test_prepared_queries_answers_must_be_strings(tmp_path):
+    write_lines(tmp_path / "q.jsonl", ['{"id": "q1", "text": "t", "answers": ["a", 3]}'])
+    with pytest.raises(DataError, match="list of strings") as e:
+        read_queries(tmp_path / "q.jsonl")
+    assert_data_error(e, tmp_path / "q.jsonl", 1)
+    write_lines(tmp_path / "q.jsonl", ['{"id": "q1", "text": "t", "relevant": {"d": true}}'])
+    with pytest.raises(DataError, match="integer grades"):
+        read_queries(tmp_path / "q.jsonl")
 
 
 # ---------------------------------------------------------------- iter_json_array

@@ -95,7 +95,7 @@ def test_save_and_load_round_trip(tmp_path, kind):
     index = build_index(x, cfg)
     before = Searcher(index, ids).search(q, 10)
     save_index(tmp_path / "idx", index, ids, cfg)
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.txt", "index.faiss", "index.json"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["checksums.sha256", "ids.txt", "index.faiss", "index.json"]
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert meta["kind"] == kind and meta["ntotal"] == len(ids) and meta["dim"] == 16
     loaded = Searcher.load(tmp_path / "idx")
@@ -111,6 +111,7 @@ def test_load_applies_search_settings_from_index_json(tmp_path, kind, attr, valu
     cfg = IndexConfig(kind=kind)
     save_index(tmp_path / "idx", build_index(x, cfg), [str(i) for i in range(len(x))], cfg)
     meta_path = tmp_path / "idx" / "index.json"
+    (tmp_path / "idx" / "checksums.sha256").unlink()  # hand-edited settings, as a user might
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), attr: value}))
     index = Searcher.load(tmp_path / "idx").index
     got = index.hnsw.efSearch if kind == "hnsw" else faiss.extract_index_ivf(index).nprobe
@@ -122,7 +123,17 @@ def saved(tmp_path):
     x, _ = random_data(n=50)
     ids = [f"d{i}" for i in range(50)]
     save_index(tmp_path / "idx", build_index(x, IndexConfig()), ids, IndexConfig())
+    # without the checksums: the structural checks below must catch damage on their own
+    (tmp_path / "idx" / "checksums.sha256").unlink()
     return tmp_path / "idx"
+
+
+def test_checksums_name_a_damaged_file(tmp_path):
+    x, _ = random_data(n=50)
+    save_index(tmp_path / "idx", build_index(x, IndexConfig()), [f"d{i}" for i in range(50)], IndexConfig())
+    (tmp_path / "idx" / "ids.txt").write_text("".join(f"d{i}\n" for i in range(50))[:-3])
+    with pytest.raises(DataError, match="ids.txt: contents differ from checksums"):
+        Searcher.load(tmp_path / "idx")
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])

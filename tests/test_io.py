@@ -1,11 +1,16 @@
-"""Atomic writes and run files."""
+"""Atomic writes (also under SIGKILL), stale temporaries, checksums, run files and line readers."""
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from dprpipe.io import (DataError, atomic_dir, atomic_write, read_jsonl, read_run, read_tsv, write_json,
-                        write_jsonl, write_run)
+from dprpipe.io import (CHECKSUMS, DataError, atomic_dir, atomic_write, read_jsonl, read_run, read_tsv,
+                        remove_stale_temps, verify_checksums, write_checksums, write_json, write_jsonl, write_run)
 
 
 class Boom(Exception):
@@ -154,3 +159,168 @@ def test_read_tsv_crlf_and_header(tmp_path):
 def test_write_json(tmp_path):
     write_json(tmp_path / "m.json", {"bm25": {"ndcg@10": 0.5}})
     assert (tmp_path / "m.json").read_text() == '{\n  "bm25": {\n    "ndcg@10": 0.5\n  }\n}\n'
+
+
+# ---------------------------------------------------------------- killed writers (SIGKILL: no cleanup runs)
+
+# A child that rewrites folder `out` (two files) with atomic_dir and SIGKILLs itself just before
+# its n-th step (a rename, the swap, or a removal); EXCHANGE=0 takes the path without renameat2.
+KILLED_WRITER = r"""
+import os, signal, sys
+from pathlib import Path
+import dprpipe.io as io
+n, calls = int(sys.argv[2]), [0]
+def step(fn):
+    def wrapper(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return wrapper
+if os.environ.get("EXCHANGE") == "0":
+    io._renameat2 = lambda: None
+io.os.replace, io._exchange, io._remove = step(os.replace), step(io._exchange), step(io._remove)
+with io.atomic_dir(Path(sys.argv[1]) / "out") as tmp:
+    (tmp / "a.txt").write_text("new a")
+    (tmp / "b.txt").write_text("new b")
+"""
+
+
+def _contents(folder: Path) -> dict | None:
+    return {p.name: p.read_text() for p in folder.iterdir()} if folder.is_dir() else None
+
+
+@pytest.mark.parametrize("exchange", ["1", "0"])
+def test_killed_folder_writer_leaves_the_old_or_the_new_folder(tmp_path, exchange):
+    old, new = {"a.txt": "old a", "b.txt": "old b"}, {"a.txt": "new a", "b.txt": "new b"}
+    seen = []
+    for n in range(1, 8):
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        for name, text in old.items():
+            (out / name).write_text(text)
+        r = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(n)],
+                           env={**os.environ, "EXCHANGE": exchange}, capture_output=True, text=True, timeout=60)
+        state = _contents(out)
+        seen.append(state == new)
+        if r.returncode == 0:                     # n is past the last step: the write completed
+            assert state == new and sorted(os.listdir(tmp_path)) == ["out"]
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        # with renameat2 the folder is always whole; without it, it may be missing between two renames
+        allowed = (old, new) if exchange == "1" else (old, new, None)
+        assert state in allowed, (n, state)
+        # the next write cleans up whatever the killed one left
+        with atomic_dir(out) as tmp:
+            (tmp / "c.txt").write_text("c")
+        assert sorted(os.listdir(tmp_path)) == ["out"] and _contents(out) == {"c.txt": "c"}
+    assert seen[0] is False and seen[-1] is True     # the kills covered before and after the switch
+
+
+def test_killed_file_writer_keeps_the_old_file_and_its_temporary_is_removed_later(tmp_path):
+    path = tmp_path / "run.tsv"
+    path.write_text("old\n")
+    code = ("import os, signal, sys; import dprpipe.io as io\n"
+            "io.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "with io.atomic_write(sys.argv[1]) as f: f.write('new\\n' * 1000)")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL
+    assert path.read_text() == "old\n"
+    [temp] = [p for p in os.listdir(tmp_path) if p != "run.tsv"]
+    assert temp.startswith(".run.tsv.") and temp.endswith(".tmp")      # the killed writer's, with its pid
+    write_run(path, {"q": [("d", 1.0)]})
+    assert os.listdir(tmp_path) == ["run.tsv"]
+
+
+def test_stale_temporaries_only_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".out.{dead}.abc123.tmp").write_text("left by a killed writer")
+        (tmp_path / f".out.{dead}.dir456.tmp").mkdir()
+        (tmp_path / f".out.{live.pid}.xyz789.tmp").write_text("being written right now")
+        (tmp_path / f".other.{dead}.abc123.tmp").write_text("another output's")
+        removed = remove_stale_temps(tmp_path / "out")
+        assert sorted(p.name for p in removed) == [f".out.{dead}.abc123.tmp", f".out.{dead}.dir456.tmp"]
+        assert sorted(os.listdir(tmp_path)) == sorted([f".out.{live.pid}.xyz789.tmp", f".other.{dead}.abc123.tmp"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+# ---------------------------------------------------------------- checksums of artifact folders
+
+def test_checksums_round_trip_and_sha256sum_format(tmp_path):
+    import hashlib
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"\x00" * 100)
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    assert verify_checksums(tmp_path, "rerun") is False        # no manifest: nothing to check
+    write_checksums(tmp_path)
+    lines = (tmp_path / CHECKSUMS).read_text().splitlines()
+    zeros, b = hashlib.sha256(bytes(100)).hexdigest(), hashlib.sha256(b"b").hexdigest()
+    assert lines == [f"{zeros}  a.bin", f"{b}  sub/b.txt"]
+    assert verify_checksums(tmp_path, "rerun") is True
+    (tmp_path / "new.txt").write_text("files the manifest does not list are not checked")
+    assert verify_checksums(tmp_path, "rerun") is True
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda f: (f / "a.bin").write_bytes(b"\x00" * 99), "a.bin: contents differ"),
+    (lambda f: (f / "a.bin").unlink(), "a.bin: missing"),
+    (lambda f: (f / CHECKSUMS).write_text("zz  a.bin\n"), f"{CHECKSUMS}:1: not a sha256sum line"),
+    (lambda f: (f / CHECKSUMS).write_text("0" * 64 + "  ../outside\n"), "not a sha256sum line"),
+])
+def test_checksums_name_the_bad_file(tmp_path, damage, match):
+    (tmp_path / "a.bin").write_bytes(b"\x00" * 100)
+    write_checksums(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(DataError, match=match) as e:
+        verify_checksums(tmp_path, "rerun the stage")
+    assert str(e.value).endswith("rerun the stage")
+
+
+# ---------------------------------------------------------------- reading: one clear line per problem
+
+def test_data_error_is_one_short_line():
+    err = DataError("f.jsonl", 3, "first\nsecond " + "x" * 10_000)
+    assert "\n" not in str(err) and len(str(err)) < 520 and str(err).startswith("f.jsonl:3: first second x")
+
+
+def test_a_carriage_return_does_not_end_a_line(tmp_path):
+    # JSON allows a bare CR as whitespace; it must not split the record or shift the line numbers
+    (tmp_path / "x.jsonl").write_bytes(b'{"a":\r 1}\r\n{"b": 2}\n{"c": \n')
+    it = read_jsonl(tmp_path / "x.jsonl")
+    assert [next(it), next(it)] == [(1, {"a": 1}), (2, {"b": 2})]
+    with pytest.raises(DataError) as e:
+        next(it)
+    assert e.value.line == 3
+
+
+def test_docstring_examples():
+    import doctest
+
+    import dprpipe.io as module
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_unreadable_file_is_a_data_error(tmp_path, monkeypatch):
+    import builtins
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n')
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kwargs):   # as for a mode-000 file (root could read one)
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(DataError, match=r"x.jsonl: cannot read the file \(Permission denied\)"):
+        list(read_jsonl(path))
