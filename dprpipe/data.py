@@ -488,9 +488,15 @@ def write_corpus(path: str | os.PathLike, corpus: Iterable[Passage]) -> int:
     return write_jsonl(path, ({"id": p.id, "title": p.title, "text": p.text} for p in corpus))
 
 
+def iter_corpus(path: str | os.PathLike) -> Iterator[Passage]:
+    """Stream the passages of a prepared corpus file (`write_corpus`'s format), in file order."""
+    for n, o in read_jsonl(path):
+        yield Passage(_field(o, "id", path, n, numeric=True), _field(o, "title", path, n, required=False, default=""),
+                      _field(o, "text", path, n))
+
+
 def read_corpus(path: str | os.PathLike) -> list[Passage]:
-    corpus = [Passage(_field(o, "id", path, n, numeric=True), _field(o, "title", path, n, required=False, default=""),
-                      _field(o, "text", path, n)) for n, o in read_jsonl(path)]
+    corpus = list(iter_corpus(path))
     if not corpus:
         raise DataError(path, None, "the corpus is empty")
     return corpus

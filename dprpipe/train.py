@@ -10,12 +10,20 @@ Sampling for epoch e is drawn from a generator seeded by (seed, e), and the trai
 (weights, optimiser, schedule, RNG, position) is saved every `checkpoint_every` steps, so a
 killed run resumed with `resume` reaches the same weights as an uninterrupted one.
 
+Under torchrun (see `distributed`) N processes train like one process with batch N * batch_size:
+every rank draws the same global batches, encodes its contiguous slice of each, and all-gathers
+the query and passage embeddings, so each rank scores every question against every passage of
+the global batch, with the same columns and masks as one process. The loss is scaled by N
+because DDP averages the ranks' gradients; the sum of the ranks' gradients is the single-process
+one. Rank 0 alone validates and writes checkpoints; dropout masks differ per rank (seed + rank).
+
 Inputs: the encoder, corpus, train/dev queries and mined negatives. Output: the best
 checkpoint by validation (a `DualEncoder.save` folder) and a per-epoch history.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,13 +31,15 @@ import random
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist_
 from .data import Passage, Query
 from .encode import encode_texts
 from .evaluate import ndcg_at_k
@@ -55,12 +65,15 @@ class TrainConfig:
     validation: str = "ndcg@10"    # ndcg@10 (higher is better) | avg_rank (DPR's; lower is better)
     val_negatives: int = 10        # dev pool: each dev question's positives + this many mined negatives
     passage_max_length: int = 0    # passage tokens while training (0 = the encoder's); shorter is cheaper
+    nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):
             raise ValueError(f"unknown validation {self.validation!r}; expected 'ndcg@10' or 'avg_rank'")
         if self.batch_size < 1 or self.epochs < 0 or self.hard_negatives < 0:
             raise ValueError("batch_size must be >= 1, epochs and hard_negatives >= 0")
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
 
 
 @dataclass
@@ -100,22 +113,103 @@ def epoch_batches(data: TrainData, cfg: TrainConfig, epoch: int, pid_index: Mapp
     return batches
 
 
-def batch_loss(model: DualEncoder, batch: Sequence[tuple[Query, int, list[int]]], corpus: Sequence[Passage],
-               pid_index: Mapping[str, int], temperature: float, passage_max_length: int = 0) -> torch.Tensor:
-    """Loss of one batch: passages are the positives (columns 0..B-1) then all hard negatives."""
-    cols = [pos for _, pos, _ in batch] + [n for _, _, negs in batch for n in negs]
-    q = model.encode_query(model.tokenize_queries([qr.text for qr, _, _ in batch]))
-    texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
-    p = model.encode_passage(model.tokenize_passages(texts, passage_max_length or None))
-    scores = compute_similarity(q, p)
-    targets = torch.arange(len(batch))
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+Batch = Sequence[tuple[Query, int, list[int]]]
+
+
+def _columns(batch: Batch) -> list[int]:
+    """The batch's passages (corpus positions): the positives (columns 0..B-1), then all hard negatives."""
+    return [pos for _, pos, _ in batch] + [n for _, _, negs in batch for n in negs]
+
+
+def _own_positive_mask(batch: Batch, cols: Sequence[int], pid_index: Mapping[str, int]) -> torch.Tensor:
+    """mask[i, j]: column j is another copy of one of question i's positives (not a negative for it)."""
+    mask = torch.zeros((len(batch), len(cols)), dtype=torch.bool)
     for i, (qr, pos, _) in enumerate(batch):
         own = {pid_index[d] for d in qr.positives if d in pid_index}
         for j, c in enumerate(cols):
             if j != i and c in own:
                 mask[i, j] = True
+    return mask
+
+
+def _masked_loss(q: torch.Tensor, p: torch.Tensor, batch: Batch, cols: Sequence[int],
+                 pid_index: Mapping[str, int], temperature: float) -> torch.Tensor:
+    scores = compute_similarity(q, p)
+    targets = torch.arange(len(batch), device=scores.device)
+    mask = _own_positive_mask(batch, cols, pid_index).to(scores.device)  # built on the CPU: one copy, not B*C writes
     return compute_loss(scores, targets, mask, temperature)
+
+
+def batch_loss(model: DualEncoder, batch: Batch, corpus: Sequence[Passage],
+               pid_index: Mapping[str, int], temperature: float, passage_max_length: int = 0) -> torch.Tensor:
+    """Loss of one batch: passages are the positives (columns 0..B-1) then all hard negatives."""
+    cols = _columns(batch)
+    q = model.encode_query(model.tokenize_queries([qr.text for qr, _, _ in batch]))
+    texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
+    p = model.encode_passage(model.tokenize_passages(texts, passage_max_length or None))
+    return _masked_loss(q, p, batch, cols, pid_index, temperature)
+
+
+class Towers(nn.Module):
+    """Both encoders behind one `forward`, the call DDP wraps (it syncs gradients of what forward used)."""
+
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, queries: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_query(queries), self.model.encode_passage(passages)
+
+
+def gathered_order(batch: Batch, bounds: Sequence[tuple[int, int]]) -> list[int]:
+    """For each column of `_columns(batch)`, its row in the rank-major gather of the ranks' local columns.
+
+    Rank r encodes `_columns(batch[lo:hi])` for its (lo, hi) in `bounds`; the gather holds rank 0's
+    positives and negatives, then rank 1's, and so on. With questions a, b on rank 0 and c on rank 1,
+    one negative each: gathered [a+, b+, a-, b-, c+, c-]; columns [a+, b+, c+, a-, b-, c-] are rows
+    [0, 1, 4, 2, 3, 5].
+    """
+    pos_rows, neg_rows, offset = [], [], 0
+    for lo, hi in bounds:
+        pos_rows += range(offset, offset + hi - lo)
+        offset += hi - lo
+        for _, _, negs in batch[lo:hi]:
+            neg_rows += range(offset, offset + len(negs))
+            offset += len(negs)
+    return pos_rows + neg_rows
+
+
+def distributed_batch_loss(towers: nn.Module, model: DualEncoder, batch: Batch, corpus: Sequence[Passage],
+                           pid_index: Mapping[str, int], temperature: float, passage_max_length: int = 0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's view of the loss of a global batch: (loss, keep_alive).
+
+    The rank encodes its slice of `batch` through `towers` (the DDP module), gathers every rank's
+    queries and passages, and computes the loss of the whole batch exactly as `batch_loss` does
+    (same column order, same mask). Gradients reach only this rank's embeddings, so backward of
+    `loss * world_size` on each rank, averaged by DDP, is the single-process gradient.
+
+    A rank whose slice is empty (a last batch shorter than the world) still runs its encoders on
+    one question, and `keep_alive` is 0 times their output: every rank then takes part in DDP's
+    gradient reduction, contributing zeros. Add it to the loss before backward.
+    """
+    bounds = dist_.split_even(len(batch), dist_.world_size())
+    lo, hi = bounds[dist_.rank()]
+    local = batch[lo:hi] or batch[:1]
+    cols = _columns(local)
+    texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
+    q, p = towers(model.tokenize_queries([qr.text for qr, _, _ in local]),
+                  model.tokenize_passages(texts, passage_max_length or None))
+    keep_alive = q.new_zeros(())
+    if hi == lo:
+        keep_alive = 0.0 * (q.sum() + p.sum())
+        q, p = q[:0], p[:0]
+    q_all = dist_.gather_with_grad(q)
+    p_all = dist_.gather_with_grad(p)
+    order = torch.tensor(gathered_order(batch, bounds), device=p_all.device)
+    loss = _masked_loss(q_all, p_all.index_select(0, order), batch, _columns(batch), pid_index, temperature)
+    return loss, keep_alive
 
 
 @torch.inference_mode()
@@ -140,23 +234,38 @@ def validate(model: DualEncoder, data: TrainData, cfg: TrainConfig, pid_index: M
     return {"ndcg@10": float(np.mean(ndcg)), "avg_rank": float(np.mean(ranks)), "pool": len(pool)}
 
 
-def _fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData) -> str:
-    """What a resumable state must match: the config (but resume) and the training inputs."""
-    h = hashlib.sha256(json.dumps({**asdict(cfg), "resume": None, "encoder": asdict(model.cfg)},
-                                  sort_keys=True).encode())
+def _fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_size: int = 1) -> str:
+    """What a resumable state must match: the config (but resume), the world size and the training inputs.
+
+    `nproc` is left out (the actual world size counts), and a single process adds nothing, so
+    states saved before distributed training existed still resume.
+    """
+    settings = {**asdict(cfg), "resume": None, "encoder": asdict(model.cfg)}
+    del settings["nproc"]
+    if world_size > 1:
+        settings["world_size"] = world_size
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for q in data.train:
         h.update(f"{q.id}\t{q.text}\t{sorted(q.relevant.items())}\t{list(data.negatives.get(q.id, []))}\n".encode())
     h.update(str(len(data.corpus)).encode())
     return h.hexdigest()[:16]
 
 
+def _rng_states() -> list[torch.Tensor]:
+    """Every rank's torch RNG state (a collective: all ranks call it at the same step)."""
+    return dist_.all_gather_object(torch.get_rng_state())
+
+
 def _save_state(state_dir: Path, model: DualEncoder, opt, sched, epoch: int, step_in_epoch: int,
                 global_step: int, history: list, best: float | None, fingerprint: str,
-                epoch_losses: Sequence[float] = ()) -> None:
+                epoch_losses: Sequence[float] = (), rng_states: Sequence[torch.Tensor] | None = None) -> None:
+    rng_states = rng_states or [torch.get_rng_state()]
+    trainer = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": rng_states[0]}
+    if len(rng_states) > 1:
+        trainer["torch_rng_ranks"] = list(rng_states)
     with atomic_dir(state_dir / "last") as tmp:
         model.save(tmp / "model")
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        torch.save(trainer, tmp / "trainer.pt")
         (tmp / "progress.json").write_text(json.dumps({
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "history": history, "best": best, "fingerprint": fingerprint,
@@ -185,16 +294,63 @@ def _validate_and_keep(model: DualEncoder, data: TrainData, cfg: TrainConfig, pi
     return best
 
 
+def _ddp(model: DualEncoder) -> nn.Module:
+    """The encoders wrapped for data-parallel training on this process's device."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(model.parameters()).device
+    # find_unused_parameters: the encoders' pooler layer gets no gradient (pooling reads the hidden
+    # states); no buffer sync before each forward: the buffers (position ids) are constants
+    return DistributedDataParallel(Towers(model), device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=True, forward_sync_buffers=False)
+
+
+def step_gradients(model: DualEncoder, towers: nn.Module | None, group: Sequence[Batch], corpus: Sequence[Passage],
+                   pid_index: Mapping[str, int], cfg: TrainConfig) -> float:
+    """Accumulate one optimiser step's gradient over its micro-batches (`grad_accumulation`); its mean loss.
+
+    `towers` is None in one process; under torchrun it is the DDP module (`_ddp`), and each rank's
+    backward of `loss * world_size` leaves, once DDP has averaged, the single-process gradient in
+    every rank's parameters.
+    """
+    dev = next(model.parameters()).device
+    world = dist_.world_size()
+    step_loss = 0.0
+    for k, batch in enumerate(group):
+        if towers is None:
+            with autocast(model.cfg, dev):
+                loss = batch_loss(model, batch, corpus, pid_index, cfg.temperature, cfg.passage_max_length)
+            (loss / len(group)).backward()
+        else:
+            # DDP reduces gradients once per optimiser step, on the last micro-batch
+            with contextlib.nullcontext() if k == len(group) - 1 else towers.no_sync():
+                with autocast(model.cfg, dev):
+                    loss, keep_alive = distributed_batch_loss(towers, model, batch, corpus, pid_index,
+                                                              cfg.temperature, cfg.passage_max_length)
+                ((loss * world + keep_alive) / len(group)).backward()
+        step_loss += loss.item() / len(group)
+    return step_loss
+
+
 def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | Path, state_dir: str | Path,
           progress: bool = True) -> list[dict]:
     """Train, keep the best epoch by validation in `out_dir`; returns the per-epoch history.
 
-    `state_dir` holds the resumable state (`last/`) and the best model so far (`best/`).
+    `state_dir` holds the resumable state (`last/`) and the best model so far (`best/`). Under
+    torchrun (an initialised process group, see `distributed`) every rank calls this with the same
+    arguments and `cfg.batch_size` questions per rank; rank 0 writes `out_dir` and `state_dir`
+    (a folder all ranks can read, for resume), and every rank returns rank 0's history.
     """
     out_dir, state_dir = Path(out_dir), Path(state_dir)
+    world, rank = dist_.world_size(), dist_.rank()
+    main = rank == 0
     seed_everything(cfg.seed)
+    if world > 1:
+        torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank; rank 0 draws as one process
+    # the batches of one process with world * batch_size questions; each rank trains on its slice
+    global_cfg = replace(cfg, batch_size=cfg.batch_size * world) if world > 1 else cfg
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
-    n_batches = math.ceil(sum(1 for q in data.train if q.positives) / cfg.batch_size)
+    n_batches = math.ceil(sum(1 for q in data.train if q.positives) / global_cfg.batch_size)
     if n_batches == 0:
         raise ValueError("no training question has a judged positive passage")
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accumulation)
@@ -209,7 +365,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
-    fingerprint = _fingerprint(cfg, model, data)
+    fingerprint = _fingerprint(cfg, model, data, world)
     start_epoch, skip, global_step, history, best = 0, 0, 0, [], None
     epoch_losses: list[float] = []
     last = state_dir / "last"
@@ -221,38 +377,39 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
             trainer = torch.load(last / "trainer.pt", weights_only=True)
             opt.load_state_dict(trainer["optimizer"])
             sched.load_state_dict(trainer["scheduler"])
-            torch.set_rng_state(trainer["torch_rng"])
+            torch.set_rng_state(trainer["torch_rng_ranks"][rank] if world > 1 else trainer["torch_rng"])
             start_epoch, skip = prog["epoch"], prog["step_in_epoch"]
             global_step, history, best = prog["global_step"], prog["history"], prog["best"]
             epoch_losses = list(prog.get("epoch_losses", []))
-            print(f"resuming from {last}: epoch {start_epoch + 1}, step {skip} of {steps_per_epoch}")
-        else:
+            if main:
+                print(f"resuming from {last}: epoch {start_epoch + 1}, step {skip} of {steps_per_epoch}")
+        elif main:
             print(f"ignoring {last}: it belongs to a different config or data")
+    dist_.barrier()  # every rank has read the state before rank 0 may replace it
     if start_epoch == 0 and skip == 0:
-        shutil.rmtree(state_dir, ignore_errors=True)
-        # epoch 0: the starting model, so the curve shows what training adds (and it can win)
         history, best = [], None
-        best = _validate_and_keep(model, data, cfg, pid_index, state_dir, history, 0, None, 0.0, 0, best)
-        _save_state(state_dir, model, opt, sched, 0, 0, global_step, history, best, fingerprint)
+        if main:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            # epoch 0: the starting model, so the curve shows what training adds (and it can win)
+            best = _validate_and_keep(model, data, cfg, pid_index, state_dir, history, 0, None, 0.0, 0, best)
+        rngs = _rng_states()  # the other ranks wait here while rank 0 validates
+        if main:
+            _save_state(state_dir, model, opt, sched, 0, 0, global_step, history, best, fingerprint,
+                        rng_states=rngs)
+        dist_.barrier()
 
-    dev = next(model.parameters()).device
+    towers = _ddp(model) if world > 1 else None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        batches = epoch_batches(data, cfg, epoch, pid_index)
+        batches = epoch_batches(data, global_cfg, epoch, pid_index)
         groups = [batches[i:i + cfg.grad_accumulation] for i in range(0, len(batches), cfg.grad_accumulation)]
         bar = tqdm(total=len(groups), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress)
+                   disable=not (progress and main))
         t0, seen, losses = time.perf_counter(), 0, epoch_losses if skip else []
         for step in range(skip, len(groups)):
             opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for batch in groups[step]:
-                with autocast(model.cfg, dev):
-                    loss = batch_loss(model, batch, data.corpus, pid_index, cfg.temperature,
-                                      cfg.passage_max_length)
-                (loss / len(groups[step])).backward()
-                step_loss += loss.item() / len(groups[step])
-                seen += len(batch)
+            step_loss = step_gradients(model, towers, groups[step], data.corpus, pid_index, cfg)
+            seen += sum(len(batch) for batch in groups[step])
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
             sched.step()
@@ -261,16 +418,25 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
             bar.set_postfix(loss=f"{step_loss:.4f}", q_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
             bar.update(1)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < len(groups):
-                _save_state(state_dir, model, opt, sched, epoch, step + 1, global_step, history, best, fingerprint,
-                            losses)
+                rngs = _rng_states()
+                if main:
+                    _save_state(state_dir, model, opt, sched, epoch, step + 1, global_step, history, best,
+                                fingerprint, losses, rngs)
         bar.close()
         seconds = time.perf_counter() - t0
         loss = float(np.mean(losses)) if losses else None
-        best = _validate_and_keep(model, data, cfg, pid_index, state_dir, history, epoch + 1, loss, seconds,
-                                  seen, best)
+        if main:
+            best = _validate_and_keep(model, data, cfg, pid_index, state_dir, history, epoch + 1, loss, seconds,
+                                      seen, best)
         skip = 0
-        _save_state(state_dir, model, opt, sched, epoch + 1, 0, global_step, history, best, fingerprint)
+        rngs = _rng_states()  # the other ranks wait here while rank 0 validates
+        if main:
+            _save_state(state_dir, model, opt, sched, epoch + 1, 0, global_step, history, best, fingerprint,
+                        rng_states=rngs)
+        dist_.barrier()
 
-    with atomic_dir(out_dir) as tmp:
-        shutil.copytree(state_dir / "best", tmp, dirs_exist_ok=True)
-    return history
+    if main:
+        with atomic_dir(out_dir) as tmp:
+            shutil.copytree(state_dir / "best", tmp, dirs_exist_ok=True)
+    dist_.barrier()
+    return dist_.broadcast_object(history)

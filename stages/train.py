@@ -3,15 +3,22 @@
 Outputs: the best checkpoint (a Hugging Face folder, --out), the resumable training state
 (--state, kept between runs so `train.resume` can continue a killed run), and the per-epoch
 history as a metrics JSON and a plot CSV.
+
+With `train.nproc` > 1 the script starts itself again under torchrun, one process per GPU (or
+per CPU process group with gloo), on this node; each trains on `train.batch_size` questions of
+every global batch. Started by torchrun already (e.g. on several nodes), it joins that group.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 from common import load_params, parser, run
 
+from dprpipe import distributed
 from dprpipe.data import read_corpus, read_queries
 from dprpipe.io import DataError, atomic_write, read_jsonl, write_json
-from dprpipe.model import DualEncoder, EncoderConfig, device
+from dprpipe.model import DualEncoder, EncoderConfig
 from dprpipe.train import TrainConfig, TrainData, train
 
 
@@ -27,6 +34,18 @@ def read_negatives(folder: Path) -> dict[str, list[str]]:
     return negs
 
 
+def relaunch(nproc: int) -> int:
+    """Run this script with the same arguments in `nproc` processes under torchrun; its exit status."""
+    import torch
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        sys.exit(f"error: train.nproc is {nproc} but {torch.cuda.device_count()} GPU(s) are visible; "
+                 "set train.nproc to at most the number of GPUs")
+    cmd = distributed.torchrun_command(Path(__file__).resolve(), sys.argv[1:], nproc)
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd).returncode
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--corpus", required=True)
@@ -40,11 +59,29 @@ def main() -> None:
     args = p.parse_args()
     enc = load_params(args.params, "model", EncoderConfig)
     cfg = load_params(args.params, "train", TrainConfig)
+    if cfg.nproc > 1 and not distributed.launched():
+        sys.exit(relaunch(cfg.nproc))
+    distributed.init_from_env()
+    try:
+        history = _train(args, enc, cfg)
+        if distributed.is_main():
+            _write_reports(args, history)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args, enc: EncoderConfig, cfg: TrainConfig) -> list[dict]:
+    if distributed.is_main() and distributed.world_size() != cfg.nproc:
+        print(f"note: {distributed.world_size()} process(es) train (train.nproc is {cfg.nproc}); "
+              f"a global batch is {distributed.world_size() * cfg.batch_size} questions")
     data = TrainData(read_corpus(args.corpus), read_queries(args.train), read_queries(args.dev),
                      read_negatives(Path(args.negatives)))
     model, _ = DualEncoder.load(enc.model, enc)
-    model.to(device())
-    history = train(model, data, cfg, args.out, args.state)
+    model.to(distributed.device())
+    return train(model, data, cfg, args.out, args.state)  # progress bar on rank 0 only
+
+
+def _write_reports(args, history: list[dict]) -> None:
     last = history[-1] if history else {}
     # epoch 0 is the validation of the starting model, not a trained epoch
     write_json(args.metrics, {"epochs": max((h["epoch"] for h in history), default=0),

@@ -132,6 +132,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(validation="mrr")
     with pytest.raises(ValueError):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="nproc"):
+        TrainConfig(nproc=0)
 
 
 # ---------------------------------------------------------------- training runs
@@ -245,3 +247,13 @@ def test_state_of_a_different_config_is_ignored(run_a, tmp_path, capsys):
     _assert_same_weights(_weights(tmp_path / "out")[0], _weights(tmp_path / "fresh_out")[0])
     progress = json.loads((tmp_path / "state" / "last" / "progress.json").read_text())
     assert progress["epoch"] == 1 and progress["global_step"] == STEPS_PER_EPOCH
+
+
+def test_resume_fingerprint_counts_the_world_size_not_the_nproc_setting():
+    model, data = tiny_encoder(seed=0), TrainData(toy_corpus(), *toy_queries(), toy_negatives())
+    one = train_mod._fingerprint(CFG, model, data)
+    # the setting alone changes nothing (a single process saved the state the same way before it existed)
+    assert train_mod._fingerprint(replace(CFG, nproc=4), model, data) == one
+    # a state saved by 2 ranks (global batch 2 * batch_size) is another run
+    assert train_mod._fingerprint(CFG, model, data, world_size=2) != one
+    assert train_mod._fingerprint(replace(CFG, epochs=4), model, data) != one
