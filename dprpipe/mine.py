@@ -56,12 +56,20 @@ class Miner:
                 for p in tqdm(corpus, desc="bm25 index", unit="psg", disable=not progress))
         self.index = BM25Index(docs, cfg.bm25())
         self.progress = progress
+        self._id_list: list[str] | None = None
 
     def run(self, queries: Sequence[Query], depth: int) -> Run:
         """BM25 ranking of each query: qid -> [(docid, score)] best first."""
         idx, scores = self.index.search([self.analyzer(q.text) for q in queries], depth, progress=self.progress)
-        return {q.id: [(self.corpus[i].id, float(s)) for i, s in zip(idx[n], scores[n]) if s > 0]
+        ids = self._ids()
+        # tolist() turns a row into Python ints and floats at once: ~10x faster than per-element
+        return {q.id: [(ids[i], s) for i, s in zip(idx[n].tolist(), scores[n].tolist()) if s > 0]
                 for n, q in enumerate(queries)}
+
+    def _ids(self) -> list[str]:
+        if self._id_list is None:
+            self._id_list = [p.id for p in self.corpus]
+        return self._id_list
 
     def negatives(self, queries: Sequence[Query]) -> Run:
         """Hard negatives per query: top BM25 passages that are not gold, best first."""

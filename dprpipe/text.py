@@ -48,8 +48,32 @@ class Analyzer:
         if self.stopwords:
             tokens = [t for t in tokens if t not in ENGLISH_STOPWORDS]
         if self.stemmer != "none":
-            tokens = _stemmer(self.stemmer).stemWords(tokens)
+            tokens = _stem(self.stemmer, tokens)
         return tokens
+
+
+# Words repeat (Zipf): a dict lookup per token is ~2x faster than stemming every token, even
+# with PyStemmer's own cache. Bounded, so a huge vocabulary cannot grow it without limit
+# (words past the bound are stemmed every time, which gives the same stems).
+_STEM_CACHE_SIZE = 1 << 18
+
+
+def _stem(name: str, tokens: list[str]) -> list[str]:
+    cache = _stem_cache(name)
+    missing = [t for t in set(tokens) if t not in cache]
+    if missing:
+        stems = _stemmer(name).stemWords(missing)
+        if len(cache) + len(missing) <= _STEM_CACHE_SIZE:
+            cache.update(zip(missing, stems))
+        else:
+            local = dict(zip(missing, stems))
+            return [cache[t] if t in cache else local[t] for t in tokens]
+    return [cache[t] for t in tokens]
+
+
+@lru_cache(maxsize=None)
+def _stem_cache(name: str) -> dict[str, str]:
+    return {}
 
 
 @lru_cache(maxsize=None)

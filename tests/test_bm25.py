@@ -146,6 +146,42 @@ def test_search_matches_argsort_on_random_corpora(corpus, query, k):
     _check_top_k(idx[0], scores[0], ref.get_scores(query), k)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("batch_size", [None, 1, 5, 64])
+def test_search_is_the_same_on_any_threads_and_batches(threads, batch_size):
+    # enough queries for several blocks; the result must not depend on how they are split
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    corpus = [list(rng.choice(words, rng.integers(0, 12))) for _ in range(60)]
+    queries = [list(rng.choice(words + ["zzz"], rng.integers(0, 6))) for _ in range(37)]
+    index = BM25Index(corpus, BM25Params(k1=0.9, b=0.4))
+    ref = reference(corpus, BM25Params(k1=0.9, b=0.4))
+    idx, scores = index.search(queries, 10, batch_size=batch_size, threads=threads)
+    base_idx, base_scores = index.search(queries, 10, batch_size=1, threads=1)
+    assert np.array_equal(idx, base_idx) and np.array_equal(scores, base_scores)
+    for n, q in enumerate(queries):
+        _check_top_k(idx[n], scores[n], ref.get_scores(q), 10)
+
+
+def test_search_k_zero_and_k_beyond_corpus():
+    index = BM25Index(CORPUS)
+    idx, scores = index.search(QUERIES, 0)
+    assert idx.shape == scores.shape == (len(QUERIES), 0)
+    idx, scores = index.search(QUERIES, 100)
+    assert idx.shape == (len(QUERIES), len(CORPUS))
+    assert all(sorted(row) == list(range(len(CORPUS))) for row in idx.tolist())
+
+
+def test_search_no_queries():
+    idx, scores = BM25Index(CORPUS).search([], 5)
+    assert idx.shape == scores.shape == (0, 5)
+
+
+def test_vocabulary_in_first_seen_order():
+    index = BM25Index([["b", "a", "b"], ["c", "a"]])
+    assert index.vocab == {"b": 0, "a": 1, "c": 2}
+
+
 def test_search_breaks_ties_by_position():
     # documents 1, 2 and 4 are identical, so they tie for every query
     corpus = [["x"], ["apple", "pie"], ["apple", "pie"], ["pie"], ["apple", "pie"], ["y"], ["z"], ["w"]]
@@ -172,6 +208,19 @@ def test_topk_k_larger_than_row_is_clipped():
     idx, top = topk(np.array([[0.5, 2.0, 1.0]]), 10)
     assert idx.tolist() == [[1, 2, 0]]
     assert top.tolist() == [[2.0, 1.0, 0.5]]
+
+
+def test_topk_k_zero_and_empty_rows():
+    idx, top = topk(np.ones((3, 4)), 0)
+    assert idx.shape == top.shape == (3, 0)
+    idx, top = topk(np.ones((0, 4)), 2)
+    assert idx.shape == top.shape == (0, 2)
+
+
+def test_topk_does_not_merge_nearly_equal_scores():
+    # differences far below float32 resolution still order the documents
+    s = np.array([[1.0, 1.0 + 1e-12, 1.0 - 1e-12, 1.0 + 2e-12, 0.5]])
+    assert topk(s, 3)[0].tolist() == [[3, 1, 0]]
 
 
 def test_topk_all_equal_keeps_position_order():

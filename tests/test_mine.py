@@ -131,3 +131,23 @@ def test_negatives_are_keyed_by_query_not_by_position():
     out = miner.negatives([Query("a", "Berlin television"), Query("a", "Berlin television"),
                            Query("b", "bread cheese", relevant={"p6": 1})])
     assert out["b"] == []   # p6, its only hit, is its positive
+
+
+
+@pytest.mark.parametrize("cache_size", [0, 3, 1 << 18])
+def test_analyzer_stems_equal_pystemmer_whatever_the_cache(monkeypatch, cache_size):
+    # text.Analyzer memoises stems (bounded); the tokens must be PyStemmer's either way
+    import regex
+    import Stemmer
+
+    import dprpipe.text as text
+
+    monkeypatch.setattr(text, "_STEM_CACHE_SIZE", cache_size)
+    text._stem_cache.cache_clear()
+    stemmer = Stemmer.Stemmer("porter")
+    analyzer = MineConfig().analyzer()
+    for p in CORPUS * 2:  # twice: the second pass reads the cache
+        words = [w for w in regex.findall(r"\w+", passage_text(p, True).lower()) if w not in text.ENGLISH_STOPWORDS]
+        assert analyzer(passage_text(p, True)) == stemmer.stemWords(words)
+    assert len(text._stem_cache("porter")) <= cache_size
+    text._stem_cache.cache_clear()
