@@ -46,6 +46,26 @@ _EXPERIMENT = re.compile(r"^Reproducing experiment '([^']+)'")
 _DVC_LOCKED = "Unable to acquire lock"
 
 
+# the parameters every stage flow takes, documented once (Prefect shows them in the UI)
+FLOW_ARGS = """Args:
+    workspace: the DVC project folder (dvc.yaml, params.yaml); default the current directory.
+    params: a YAML file in params.yaml's layout; its values that differ from the workspace's
+        params.yaml are applied as `-S` overrides.
+    dataset: a dataset folder for `prepare.dataset` (applied as an override).
+    overrides: `key=value` overrides, as `dvc exp run -S key=value`.
+    lock_timeout: seconds to wait for another run on this workspace before skipping
+        (0: skip at once; negative: wait forever).
+"""
+
+
+def flow_doc(summary: str):
+    """Give a stage flow its docstring: `summary`, then FLOW_ARGS (set before `@flow` reads it)."""
+    def deco(fn):
+        fn.__doc__ = f"{summary}\n\n{FLOW_ARGS}"
+        return fn
+    return deco
+
+
 class StageError(RuntimeError):
     """A DVC stage (or DVC itself) failed; the message carries the end of its output."""
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import build_overrides, publish, read_metrics, resolve_workspace, skipped, summary, workspace_lock
+from flows.common import (build_overrides, flow_doc, publish, read_metrics, resolve_workspace, skipped, summary,
+                          workspace_lock)
 from flows.encoding import encoding
 from flows.evaluation import evaluation
 from flows.mining import mining
@@ -17,19 +18,9 @@ from flows.training import training
 
 
 @flow(name="pipeline")
+@flow_doc("Run the whole DVC pipeline through the four stage flows; DVC skips what is up to date.")
 def pipeline(workspace: str = ".", params: str | None = None, dataset: str | None = None,
              overrides: list[str] | None = None, lock_timeout: float = 3600.0):
-    """Run the whole DVC pipeline through the four stage flows; DVC skips what is up to date.
-
-    Args:
-        workspace: the DVC project folder (dvc.yaml, params.yaml); default the current directory.
-        params: a YAML file in params.yaml's layout; its values that differ from the workspace's
-            params.yaml are applied as `-S` overrides.
-        dataset: a dataset folder for `prepare.dataset` (applied as an override).
-        overrides: `key=value` overrides, as `dvc exp run -S key=value`.
-        lock_timeout: seconds to wait for another run on this workspace before skipping
-            (0: skip at once; negative: wait forever).
-    """
     ws = resolve_workspace(workspace)
     sets = build_overrides(ws, params, dataset, overrides)
     with workspace_lock(ws, lock_timeout) as busy:
