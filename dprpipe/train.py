@@ -43,7 +43,7 @@ from . import distributed as dist_
 from .data import Passage, Query
 from .encode import encode_texts
 from .evaluate import ndcg_at_k
-from .io import atomic_dir
+from .io import DataError, atomic_dir, verify_checksums, write_checksums
 from .model import DualEncoder, autocast, compute_loss, compute_similarity, passage_texts
 
 
@@ -270,6 +270,30 @@ def _save_state(state_dir: Path, model: DualEncoder, opt, sched, epoch: int, ste
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "history": history, "best": best, "fingerprint": fingerprint,
             "epoch_losses": list(epoch_losses)}))  # this epoch's step losses so far, for its mean
+        write_checksums(tmp)  # last: a damaged state is told apart from a good one on resume
+
+
+def _read_state(state_dir: Path, fingerprint: str, rank: int, world: int) -> tuple[dict, DualEncoder, dict] | None:
+    """The resumable state in `state_dir`: (progress, model, trainer), or None if it is another run's.
+
+    A state that is damaged (truncated, corrupted against its checksums, a file missing or not
+    what `_save_state` writes) raises; the caller then starts over, as the state only saves time.
+    """
+    last, fix = state_dir / "last", "training starts over"
+    if not verify_checksums(last, fix):
+        raise DataError(last, None, "no checksums.sha256 (written last by every save)")
+    prog = json.loads((last / "progress.json").read_text(encoding="utf-8"))
+    if prog.get("fingerprint") != fingerprint:
+        return None
+    if prog["best"] is not None and not verify_checksums(state_dir / "best", fix):
+        raise DataError(state_dir / "best", None, "no checksums.sha256 (the best model so far)")
+    resumed, _ = DualEncoder.load(str(last / "model"))
+    trainer = torch.load(last / "trainer.pt", weights_only=True)  # never runs a pickle's code
+    trainer["torch_rng"] = trainer["torch_rng_ranks"][rank] if world > 1 else trainer["torch_rng"]
+    missing = [k for k in ("epoch", "step_in_epoch", "global_step", "history", "best") if k not in prog]
+    if missing:
+        raise DataError(last / "progress.json", None, f"lacks {', '.join(missing)}")
+    return prog, resumed, trainer
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
@@ -344,9 +368,13 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     world, rank = dist_.world_size(), dist_.rank()
     main = rank == 0
-    seed_everything(cfg.seed)
-    if world > 1:
-        torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank; rank 0 draws as one process
+
+    def seed():
+        seed_everything(cfg.seed)
+        if world > 1:
+            torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank; rank 0 draws as one process
+
+    seed()
     # the batches of one process with world * batch_size questions; each rank trains on its slice
     global_cfg = replace(cfg, batch_size=cfg.batch_size * world) if world > 1 else cfg
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
@@ -357,34 +385,52 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     total = steps_per_epoch * cfg.epochs
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
     params = list({id(p): (n, p) for n, p in model.named_parameters()}.values())
-    opt = torch.optim.AdamW([
-        {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ], lr=cfg.lr)
     warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+
+    def make_optimizer():
+        opt = torch.optim.AdamW([
+            {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
+        ], lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        return opt, sched
+
+    opt, sched = make_optimizer()
 
     fingerprint = _fingerprint(cfg, model, data, world)
     start_epoch, skip, global_step, history, best = 0, 0, 0, [], None
     epoch_losses: list[float] = []
     last = state_dir / "last"
-    if cfg.resume and (last / "progress.json").is_file():
-        prog = json.loads((last / "progress.json").read_text())
-        if prog.get("fingerprint") == fingerprint:
-            resumed, _ = DualEncoder.load(str(last / "model"))
-            model.load_state_dict(resumed.state_dict())
-            trainer = torch.load(last / "trainer.pt", weights_only=True)
-            opt.load_state_dict(trainer["optimizer"])
-            sched.load_state_dict(trainer["scheduler"])
-            torch.set_rng_state(trainer["torch_rng_ranks"][rank] if world > 1 else trainer["torch_rng"])
+    if cfg.resume and last.exists():
+        fresh_weights = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            state = _read_state(state_dir, fingerprint, rank, world)
+            if state is not None:
+                prog, resumed, trainer = state
+                model.load_state_dict(resumed.state_dict())
+                opt.load_state_dict(trainer["optimizer"])
+                sched.load_state_dict(trainer["scheduler"])
+                torch.set_rng_state(trainer["torch_rng"])
+        # a damaged state costs the time it would have saved, never the run (the model, optimiser
+        # and schedule are rebuilt below, so a half-loaded state leaves nothing behind)
+        except Exception as e:  # json, safetensors, torch and checksums each raise their own
+            state, why = None, f"it is damaged ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        else:
+            why = "it belongs to a different config or data"
+        if state is not None:
             start_epoch, skip = prog["epoch"], prog["step_in_epoch"]
             global_step, history, best = prog["global_step"], prog["history"], prog["best"]
             epoch_losses = list(prog.get("epoch_losses", []))
             if main:
                 print(f"resuming from {last}: epoch {start_epoch + 1}, step {skip} of {steps_per_epoch}")
-        elif main:
-            print(f"ignoring {last}: it belongs to a different config or data")
+        else:
+            if main:
+                print(f"ignoring {last}: {why}; training starts over")
+            # a partly loaded state (or the random draws of loading it) must not leak into the fresh run
+            model.load_state_dict(fresh_weights)
+            opt, sched = make_optimizer()
+            seed()
     dist_.barrier()  # every rank has read the state before rank 0 may replace it
     if start_epoch == 0 and skip == 0:
         history, best = [], None

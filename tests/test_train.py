@@ -229,6 +229,65 @@ def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monke
     assert meta_b == meta_a
 
 
+def _interrupted_state(tmp_path, monkeypatch) -> "Path":
+    """The state of a run killed during the 4th step of epoch 1 (saved after step 3)."""
+    real_batch_loss, calls = train_mod.batch_loss, []
+
+    def dying_batch_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "batch_loss", dying_batch_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_encoder(seed=0, **ENCODER), _data(), CFG, tmp_path / "killed_out", tmp_path / "state",
+              progress=False)
+    monkeypatch.undo()
+    return tmp_path / "state"
+
+
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# each damage a disk, a full volume or a careless hand can do to the saved state
+DAMAGES = {
+    "truncated optimizer state": lambda s: (s / "last/trainer.pt").write_bytes((s / "last/trainer.pt").read_bytes()[:100]),
+    "garbage progress": lambda s: (s / "last/progress.json").write_text("{not json"),
+    "flipped weight byte": lambda s: _flip_byte(s / "last/model/model.safetensors", 5000),
+    "missing best model": lambda s: shutil.rmtree(s / "best"),
+    "missing checksums": lambda s: (s / "last/checksums.sha256").unlink(),
+    "half-written folder": lambda s: shutil.rmtree(s / "last/model"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_state_starts_over_and_matches_a_fresh_run(run_a, tmp_path, monkeypatch, capsys, damage):
+    # a damaged resumable state is announced and ignored: the run starts over, no traceback, and
+    # ends exactly where an uninterrupted run ends (the damage leaves nothing in the weights or RNG)
+    root_a, history_a, final_a = run_a
+    state = _interrupted_state(tmp_path, monkeypatch)
+    DAMAGES[damage](state)
+    capsys.readouterr()
+    model = tiny_encoder(seed=0, **ENCODER)
+    history = train(model, _data(), CFG, tmp_path / "out", state, progress=False)
+    out = capsys.readouterr().out
+    assert "ignoring" in out and "damaged" in out and "training starts over" in out, out
+    assert "resuming" not in out
+    assert _comparable(history) == _comparable(history_a)
+    _assert_same_weights(model.state_dict(), final_a)
+    _assert_same_weights(_weights(tmp_path / "out")[0], _weights(root_a / "out")[0])
+
+
+def test_saved_state_is_checksummed(tmp_path, monkeypatch):
+    state = _interrupted_state(tmp_path, monkeypatch)
+    listed = {line.split("  ", 1)[1] for line in (state / "last/checksums.sha256").read_text().splitlines()}
+    assert {"trainer.pt", "progress.json", "model/model.safetensors"} <= listed
+
+
 def test_state_of_a_different_config_is_ignored(run_a, tmp_path, capsys):
     root_a, history_a, _ = run_a
     other = replace(CFG, epochs=1, lr=1e-3)
