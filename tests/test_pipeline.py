@@ -167,26 +167,45 @@ def repro(repo: Path) -> tuple[set[str], str]:
     return set(RUNNING.findall(r.stdout)), out
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path):
-    repo = tmp_path / "repo"
+def make_tiny_repo(repo: Path) -> dict:
+    """A git + DVC copy of the project on a tiny dataset and encoder, with the cheapest dense settings;
+    returns the dataset's sizes."""
     repo.mkdir()
     copy_project(repo)
     assert (repo / "dvc.yaml").is_file() and not (repo / "dvc.lock").exists()
     info = write_tiny_beir(repo / "datasets" / "tiny")
     write_tiny_encoder(repo / "tiny-encoder")
-    # the tiny dataset, and the cheapest settings of the dense stages
     edit_params(repo, {"prepare.dataset": "datasets/tiny", "prepare.max_words": 0, "model.model": "tiny-encoder",
-                       "train.epochs": 1, "train.batch_size": 8, "train.checkpoint_every": 0,
+                       "train.epochs": 1, "train.batch_size": 8, "train.checkpoint_every": 2,
                        "train.passage_max_length": 48, "model.passage_max_length": 48,
                        "model.query_max_length": 24, "encode.batch_size": 64, "mine.run_depth": 100})
     for args in (["git", "init", "-q"], ["dvc", "init", "-q", "--force"]):
         r = _run(args, repo)
         assert r.returncode == 0, r.stderr
+    return info
+
+
+@pytest.fixture(scope="module")
+def tiny_repos(tmp_path_factory) -> dict:
+    """An untouched tiny repo ("template"), the dataset's sizes, and a copy ("ran") after one full
+    `dvc repro`: the stages it ran, its log, and its outputs' texts as they were then (later tests
+    change that copy)."""
+    root = tmp_path_factory.mktemp("tiny")
+    info = make_tiny_repo(root / "template")
+    shutil.copytree(root / "template", root / "ran", symlinks=True)
+    ran, out = repro(root / "ran")
+    texts = {name: (root / "ran" / name).read_text()
+             for name in ("dvc.lock", "metrics/retrieval.json", "metrics/train.json", "plots/train.csv")}
+    return {"template": root / "template", "info": info, "repo": root / "ran", "ran": ran, "out": out,
+            "texts": texts}
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tiny_repos):
+    info, repo, ran, out = (tiny_repos[k] for k in ("info", "repo", "ran", "out"))
     stages = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
 
     # 1. everything runs
-    ran, out = repro(repo)
     assert ran == stages, out[-4000:]
     data = json.loads((repo / "metrics" / "data.json").read_text())
     assert data["documents"] == data["passages"] == info["docs"]
@@ -222,6 +241,114 @@ def test_dvc_repro_end_to_end(tmp_path):
     new_metrics = json.loads((repo / "metrics" / "retrieval.json").read_text())
     assert 0.0 <= new_metrics["bm25"]["ndcg@10"] <= 1.0
     assert "k1: 1.2" in (repo / "dvc.lock").read_text()
+
+
+# Loaded by every Python process of a `dvc repro` (via PYTHONPATH): the one stage process whose
+# command line contains KILL_ARGV SIGKILLs its whole process group (dvc, its shell and itself, as
+# a scheduler or the OOM killer would) at the KILL_WHEN-th optimiser step or os.replace.
+KILLER = """
+import os, signal, sys
+_when, _argv = os.environ.get("KILL_WHEN", ""), os.environ.get("KILL_ARGV", "")
+if _when and _argv and _argv in " ".join(sys.argv):
+    _kind, _n = _when.split(":")
+    _count = [0]
+
+    def _die(*_):
+        _count[0] += 1
+        if _count[0] == int(_n):
+            sys.stdout.flush()
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    if _kind == "replace":
+        _real_replace = os.replace
+
+        def _replace(*args, **kwargs):
+            _die()
+            return _real_replace(*args, **kwargs)
+
+        os.replace = _replace
+    else:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        register_optimizer_step_post_hook(_die)
+"""
+
+
+def killed_repro(repo: Path, argv: str, when: str) -> str:
+    """`dvc repro` in its own process group, SIGKILLed as a whole at `when` in the stage running `argv`."""
+    hooks = repo.parent / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    env = _env()
+    env.update(PYTHONPATH=str(hooks), KILL_ARGV=argv, KILL_WHEN=when)
+    r = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+                       start_new_session=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == -9, f"dvc repro was not killed (exit {r.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def _lock_outs(lock_text: str) -> dict[str, str]:
+    """Every stage output in a dvc.lock -> its md5 (a folder's covers each file's bytes)."""
+    stages = yaml.safe_load(lock_text)["stages"]
+    return {o["path"]: o["md5"] for s in stages.values() for o in s.get("outs", [])}
+
+
+TIMED = ("seconds", "questions_per_s", "train_seconds", "wall_seconds")
+
+
+def _untimed(name: str, text: str):
+    """A training record without its wall-clock fields (a resumed run times only its own part)."""
+    import csv
+    import io
+
+    def keep(d):
+        return {k: v for k, v in d.items() if not any(t in k for t in TIMED)}
+
+    if name.endswith(".json"):
+        return keep(json.loads(text))
+    return [keep(row) for row in csv.DictReader(io.StringIO(text))]
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_twice_then_completes_like_an_uninterrupted_run(tiny_repos, tmp_path):
+    # the real thing under DVC: `dvc repro` SIGKILLed (dvc and the stage together) in the middle of
+    # training, then again in the middle of encoding; the next plain `dvc repro` finishes, resumes
+    # training from its saved state, and every output equals the uninterrupted run's byte for byte
+    ref = tiny_repos["texts"]
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repos["template"], repo, symlinks=True)
+
+    # 1. killed at the 3rd optimiser step of 3 (the state was saved after step 2)
+    out = killed_repro(repo, "--out models/dpr", "step:3")
+    assert "Running stage 'train'" in out, out[-4000:]
+    assert not (repo / "models" / "dpr").exists() and not (repo / "metrics" / "train.json").exists()
+    progress = json.loads((repo / "models" / "dpr-state" / "last" / "progress.json").read_text())
+    assert (progress["epoch"], progress["step_in_epoch"]) == (0, 2)
+
+    # 2. killed while the fine-tuned encoder's embeddings are written (before its 2nd rename)
+    out = killed_repro(repo, "--out data/embeddings/dpr", "replace:2")
+    assert "resuming from models/dpr-state/last: epoch 1, step 2 of 3" in out, out[-4000:]
+    assert "Stage 'prepare' didn't change, skipping" in out and "Stage 'mine' didn't change, skipping" in out
+    assert (repo / "models" / "dpr" / "model.safetensors").is_file()
+    assert not (repo / "data" / "embeddings" / "dpr").exists()
+
+    # 3. nothing special: it completes, and reruns only what did not finish
+    ran, out = repro(repo)
+    assert "train" not in ran and {"encode", "index", "evaluate"} <= ran, out[-4000:]
+    timed = {"metrics/train.json", "plots/train.csv"}
+    # the resumable state's progress.json records wall times too; the model it ends in is compared
+    untimed = timed | {"models/dpr-state"}
+    got, want = _lock_outs((repo / "dvc.lock").read_text()), _lock_outs(ref["dvc.lock"])
+    assert got.keys() == want.keys()
+    assert "models/dpr" in got
+    assert {k: v for k, v in got.items() if k not in untimed} == {k: v for k, v in want.items() if k not in untimed}
+    assert (repo / "metrics" / "retrieval.json").read_text() == ref["metrics/retrieval.json"]
+    for name in timed:
+        assert _untimed(name, (repo / name).read_text()) == _untimed(name, ref[name]), name
+    leftovers = [p for p in repo.rglob("*.tmp") if ".dvc" not in p.parts and ".git" not in p.parts]
+    assert leftovers == []
+    ran, out = repro(repo)
+    assert ran == set(), out[-4000:]
 
 
 def test_stage_graph_reading():
