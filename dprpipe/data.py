@@ -349,13 +349,17 @@ def _context_id(ctx: Mapping, title: str, text: str, path, lineno) -> str:
 
 
 def read_dpr_questions(path: str | os.PathLike, split: str, raw: RawDataset,
-                       contexts: dict[str, int]) -> None:
+                       contexts: dict[str, int], from_tsv: int = 0) -> None:
     """Add the questions of a DPR biencoder JSON list to `raw`, with their positive contexts as judgements.
 
     Contexts are gathered in `contexts` (passage id -> position in `raw.passages`): a context
-    seen again under the same id is the same passage (the first one is kept). Contexts
-    without a passage_id get a content-hash id.
+    seen again under the same id and with the same title and text is the same passage. One with
+    another title or text is a second record of that id, which the `duplicate_ids` check reports
+    (the first one is kept under `warn`). A passage of passages.tsv wins over a context of its id:
+    the TSV is the corpus, a context only a copy of it. Contexts without a passage_id get a
+    content-hash id.
     """
+    # passages at positions below `from_tsv` came from passages.tsv, which no context overrides
     qids = raw.split_queries.setdefault(split, [])
     for n, (lineno, item) in enumerate(iter_json_array(path)):
         if not isinstance(item, dict):
@@ -372,8 +376,9 @@ def read_dpr_questions(path: str | os.PathLike, split: str, raw: RawDataset,
                 title = _field(ctx, "title", path, lineno, required=False, default="")
                 text = _field(ctx, "text", path, lineno)
                 pid = _context_id(ctx, title, text, path, lineno)
-                if pid not in contexts:
-                    contexts[pid] = len(raw.passages)
+                seen = contexts.get(pid)
+                if seen is None or (seen >= from_tsv and (raw.passages[seen].title, raw.passages[seen].text) != (title, text)):
+                    contexts.setdefault(pid, len(raw.passages))
                     raw.passages.append(Passage(pid, title, text))
                     raw.passage_at.append(path, lineno)
                 if grade:
@@ -395,9 +400,10 @@ def read_dpr_raw(folder: str | os.PathLike) -> RawDataset:
             raw.passages.append(p)
             raw.passage_at.append(tsv, lineno)
             contexts.setdefault(p.id, len(raw.passages) - 1)  # the TSV's text wins over a context's
+    from_tsv = len(raw.passages)
     for split in SPLITS:
         if (folder / f"{split}.json").exists():
-            read_dpr_questions(folder / f"{split}.json", split, raw, contexts)
+            read_dpr_questions(folder / f"{split}.json", split, raw, contexts, from_tsv)
     if not raw.split_queries:
         raise DataError(folder, None, "no DPR {train,dev,test}.json found")
     if not raw.passages:

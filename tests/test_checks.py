@@ -187,6 +187,28 @@ def test_dpr_questions_without_positives_are_unjudged(tmp_path):
     assert report["checks"]["unjudged_queries"] == 1 and len(ds.splits["train"]) == 2
 
 
+def test_dpr_contexts_sharing_an_id_with_other_texts_are_duplicates(tmp_path):
+    # the same passage_id with another text is a conflict, not the same passage; an exact repeat is
+    # the same passage; a context never overrides passages.tsv (the corpus)
+    folder = tmp_path / "dpr"
+    folder.mkdir()
+    ctx = {"title": "T", "text": "first text", "passage_id": "7"}
+    items = [{"question": "one", "answers": [], "positive_ctxs": [ctx]},
+             {"question": "two", "answers": [], "positive_ctxs": [ctx],
+              "hard_negative_ctxs": [{"title": "T", "text": "another text", "passage_id": "7"},
+                                     {"title": "X", "text": "not the TSV's", "passage_id": "1"}]}]
+    (folder / "train.json").write_text(json.dumps(items, indent=1))
+    (folder / "passages.tsv").write_text("id\ttext\ttitle\n1\tthe corpus text\tX\n")
+    with pytest.raises(DataError, match=r"duplicate passage id '7' \(first at line \d+\)") as e:
+        prepare(PrepareConfig(dataset=str(folder), dev_fraction=0.0))
+    assert e.value.path == str(folder / "train.json")
+    warnings = []
+    ds, report = prepare(PrepareConfig(dataset=str(folder), dev_fraction=0.0, on_duplicate_ids="warn"),
+                         warn=warnings.append)
+    assert report["checks"]["duplicate_ids"] == 1 and len(warnings) == 1
+    assert {p.id: p.text for p in ds.corpus} == {"1": "the corpus text", "7": "first text"}
+
+
 def test_bad_policy_value():
     with pytest.raises(ValueError, match="on_leakage must be 'error' or 'warn', got 'ignore'"):
         PrepareConfig(on_leakage="ignore")
