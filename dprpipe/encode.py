@@ -14,14 +14,13 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .data import Passage
-from .io import DataError, atomic_write, read_ids, write_ids
+from .io import DataError, atomic_memmap, atomic_write, read_ids, write_ids
 from .model import DualEncoder, autocast, passage_texts
 
 
@@ -59,33 +58,22 @@ def encode_passages_to(model: DualEncoder, passages: Iterable[Passage], n: int, 
                        ids_path: str | os.PathLike, batch_size: int = 64, block_size: int = 16384,
                        progress: bool = False) -> None:
     """Stream `n` passages into a float32 memmap `npy_path` and their ids into `ids_path`."""
-    npy_path, ids_path = Path(npy_path), Path(ids_path)
-    npy_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npy_path.with_name(f".{npy_path.name}.tmp")
-    emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, model.dim))
-    try:
-        it = iter(passages)
-        done = 0
-        with atomic_write(ids_path) as ids, tqdm(total=n, desc="encode passages", unit="psg",
-                                                 disable=not progress, smoothing=0.05) as bar:
-            while block := list(itertools.islice(it, block_size)):
-                if done + len(block) > n:
-                    raise DataError(ids_path, None, f"more passages than the {n} expected")
-                for p in block:
-                    if "\n" in p.id:
-                        raise DataError(ids_path, None, f"passage id {p.id!r} contains a newline")
-                    ids.write(p.id + "\n")
-                texts = passage_texts(block, model.cfg.use_title)
-                emb[done:done + len(block)] = encode_texts(model, texts, "passage", batch_size, bar=bar)
-                done += len(block)
-            if done != n:
-                raise DataError(ids_path, None, f"expected {n} passages, got {done}")
-            emb.flush()
-            del emb
-            os.replace(tmp, npy_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    it = iter(passages)
+    done = 0
+    with atomic_memmap(npy_path, (n, model.dim)) as emb, atomic_write(ids_path) as ids, \
+            tqdm(total=n, desc="encode passages", unit="psg", disable=not progress, smoothing=0.05) as bar:
+        while block := list(itertools.islice(it, block_size)):
+            if done + len(block) > n:
+                raise DataError(ids_path, None, f"more passages than the {n} expected")
+            for p in block:
+                if "\n" in p.id:
+                    raise DataError(ids_path, None, f"passage id {p.id!r} contains a newline")
+                ids.write(p.id + "\n")
+            texts = passage_texts(block, model.cfg.use_title)
+            emb[done:done + len(block)] = encode_texts(model, texts, "passage", batch_size, bar=bar)
+            done += len(block)
+        if done != n:
+            raise DataError(ids_path, None, f"expected {n} passages, got {done}")
 
 
 def load_embeddings(npy_path: str | os.PathLike, ids_path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 Run = dict[str, list[tuple[str, float]]]
 """A ranking per query: qid -> [(docid, score), ...] best first."""
 
@@ -125,6 +127,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype=np.float32) -> Iterator[np.memmap]:
+    """A `.npy` memmap of `shape` under a temporary name next to `path`, filled by the caller and
+    renamed over `path` only on success; rows are written to disk as they are filled, so memory
+    stays at what the caller holds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield arr
+        arr.flush()
+        os.replace(tmp, path)   # POSIX: a file still mapped may be renamed; its pages are on disk
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -32,7 +32,7 @@ import numpy as np
 from .data import Passage, iter_corpus
 from .encode import encode_passages_to, load_embeddings
 from .index import IndexConfig, build_index
-from .io import DataError, atomic_write
+from .io import DataError, atomic_memmap, atomic_write
 from .model import DualEncoder
 
 ShardFiles = tuple[Path, Path]
@@ -103,24 +103,14 @@ def merge_shards(parts: Sequence[ShardFiles], npy_path: str | os.PathLike, ids_p
         raise DataError(parts[0][0], None, f"shards have different embedding sizes {sorted(dims)}; "
                         "they must come from one encoder")
     n = sum(s[0] for s in shapes)
-    npy_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npy_path.with_name(f".{npy_path.name}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dims.pop()))
-    try:
-        with atomic_write(ids_path) as f:
-            row = 0
-            for npy, ids in parts:
-                emb, shard_ids = load_embeddings(npy, ids)
-                for s in range(0, len(shard_ids), chunk_rows):
-                    out[row + s:row + min(s + chunk_rows, len(shard_ids))] = emb[s:s + chunk_rows]
-                f.writelines(i + "\n" for i in shard_ids)
-                row += len(shard_ids)
-            out.flush()
-            del out
-            os.replace(tmp, npy_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_memmap(npy_path, (n, dims.pop())) as out, atomic_write(ids_path) as f:
+        row = 0
+        for npy, ids in parts:
+            emb, shard_ids = load_embeddings(npy, ids)
+            for s in range(0, len(shard_ids), chunk_rows):
+                out[row + s:row + min(s + chunk_rows, len(shard_ids))] = emb[s:s + chunk_rows]
+            f.writelines(i + "\n" for i in shard_ids)
+            row += len(shard_ids)
     return n
 
 
