@@ -450,10 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="experiments run at once (default: 1)")
     p.add_argument("--lock-timeout", type=float, default=3600.0, help="seconds to wait for a busy workspace")
     args = p.parse_args(argv)
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED as ANALYTICS
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP, temporary_settings
 
-    # the temporary server's 20 s default is too short on a busy 2-core machine (e.g. during training)
-    with temporary_settings({STARTUP: max(STARTUP.value(), 120)}):
+    # the temporary server's 20 s default is too short on a busy 2-core machine (e.g. during training);
+    # its telemetry heartbeat only fails on a closed network (and races the new database: "locked")
+    with temporary_settings({STARTUP: max(STARTUP.value(), 120), ANALYTICS: False}):
         state = experiments(workspace=args.workspace, seeds=args.seeds, variants=args.variants, jobs=args.jobs,
                             lock_timeout=args.lock_timeout, return_state=True)
     if not state.is_completed() or state.name == "Skipped":
