@@ -348,6 +348,11 @@ def _context_id(ctx: Mapping, title: str, text: str, path, lineno) -> str:
     return check_id(str(pid), path, lineno, "passage_id")
 
 
+def _same_passage(passage: Passage, title: str, text: str) -> bool:
+    """A context repeats `passage` only if both its title and its text are the same."""
+    return (passage.title, passage.text) == (title, text)
+
+
 def read_dpr_questions(path: str | os.PathLike, split: str, raw: RawDataset,
                        contexts: dict[str, int], from_tsv: int = 0) -> None:
     """Add the questions of a DPR biencoder JSON list to `raw`, with their positive contexts as judgements.
@@ -377,7 +382,7 @@ def read_dpr_questions(path: str | os.PathLike, split: str, raw: RawDataset,
                 text = _field(ctx, "text", path, lineno)
                 pid = _context_id(ctx, title, text, path, lineno)
                 seen = contexts.get(pid)
-                if seen is None or (seen >= from_tsv and (raw.passages[seen].title, raw.passages[seen].text) != (title, text)):
+                if seen is None or (seen >= from_tsv and not _same_passage(raw.passages[seen], title, text)):
                     contexts.setdefault(pid, len(raw.passages))
                     raw.passages.append(Passage(pid, title, text))
                     raw.passage_at.append(path, lineno)
