@@ -138,18 +138,28 @@ def dataset_override(ws: Path, ws_params: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _paths(entries: Any) -> list[str]:
+    """The paths of a dvc.yaml deps/outs/metrics/plots list (plain strings or {path: options})."""
+    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
+
+
 def pipeline_code(ws: Path) -> dict[str, str]:
     """md5 of every file the pipeline stages depend on that is in the repository (code, not data).
 
     An experiment is reused only if it ran with these same files (its dvc.lock records their md5).
+    A dependency that a stage writes (e.g. the evaluate stage's input `data/runs/dpr.tsv`) is data,
+    different in every experiment, and is left out, whether or not the workspace holds a copy of it.
     """
     stages = (yaml.safe_load((ws / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+    written = {o.rstrip("/") for st in stages.values() for key in ("outs", "metrics", "plots")
+               for o in _paths(st.get(key))}
     out = {}
     for name in PIPELINE:
-        for dep in stages.get(name, {}).get("deps", []):
-            path = next(iter(dep)) if isinstance(dep, dict) else str(dep)
+        for path in _paths(stages.get(name, {}).get("deps")):
             if "${" in path or not (ws / path).is_file():
                 continue    # templated (the dataset) or a folder made by an upstream stage
+            if any(path == o or path.startswith(o + "/") for o in written):
+                continue
             out[path] = hashlib.md5((ws / path).read_bytes()).hexdigest()
     return out
 

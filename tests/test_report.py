@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -29,7 +30,7 @@ from dprpipe.io import DataError
 from dprpipe.report import (VARIANT_KEYS, ExperimentSet, Record, ReportConfig, build_report, claims, compare,
                             other_comparisons, parse_csv, read_experiments, render_markdown, render_plots,
                             render_table, stat, to_json, write_experiments)
-from flows.experiments import (Found, dataset_override, is_workspace_run, locked_code, matching, parse_exp_show, plan,
+from flows.experiments import (Found, dataset_override, is_workspace_run, locked_code, matching, parse_exp_show, pipeline_code, plan,
                                same_code, same_params)
 
 CFG = ReportConfig()    # nDCG@10, wide margin 0.05, ties below 0.01
@@ -373,6 +374,25 @@ def test_locked_code_reads_the_pipeline_stages_only():
     assert same_code(locked, {"stages/common.py": "aa"})
     assert not same_code(locked, {"stages/common.py": "bb"})
     assert not same_code(locked, {"stages/new.py": "cc"})     # a dependency the run did not have
+
+
+def test_pipeline_code_is_code_files_not_stage_outputs(tmp_path):
+    # the workspace holds a copy of data/runs/dpr.tsv, an input of evaluate that index writes: it differs
+    # in every experiment, so counting it as code would make every finished experiment look stale
+    dvc_yaml = {"stages": {
+        "index": {"cmd": "x", "deps": ["stages/index.py", "data/embeddings"], "outs": ["data/index", "data/runs/dpr.tsv"]},
+        "evaluate": {"cmd": "x", "deps": ["stages/evaluate.py", "data/runs/dpr.tsv", "data/index/ids.txt",
+                                         "${prepare.dataset}"],
+                     "metrics": [{"metrics/retrieval.json": {"cache": False}}]},
+        "report": {"cmd": "x", "deps": ["stages/report.py", "metrics/retrieval.json"]}}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml), encoding="utf-8")
+    for rel in ("stages/index.py", "stages/evaluate.py", "stages/report.py", "data/runs/dpr.tsv",
+                "data/index/ids.txt", "data/embeddings/passages.npy"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel, encoding="utf-8")
+    code = pipeline_code(tmp_path)
+    assert sorted(code) == ["stages/evaluate.py", "stages/index.py"]     # report is not a pipeline stage
+    assert code["stages/index.py"] == hashlib.md5(b"stages/index.py").hexdigest()
 
 
 def test_docstring_examples():
