@@ -277,6 +277,9 @@ def render_table(records: Sequence[Record]) -> list[str]:
 # ---------------------------------------------------------------- the claims
 
 
+EPSILON = 1e-9   # far below the metrics' 0.0001 resolution, far above float error
+
+
 @dataclass(frozen=True)
 class Comparison:
     """`a - b` on one metric: the difference of the means and the threshold below which it is a tie."""
@@ -289,7 +292,9 @@ class Comparison:
     @property
     def sign(self) -> int:
         """+1 if a is ahead by more than a tie, -1 if b is, 0 for a tie."""
-        return 0 if abs(self.delta) <= self.tie else (1 if self.delta > 0 else -1)
+        # the metrics are 4-decimal figures: a difference that equals the threshold up to float
+        # noise (0.7224 - 0.7124 is 0.0100000000000001) is a tie, as its printed value says
+        return 0 if abs(self.delta) <= self.tie + EPSILON else (1 if self.delta > 0 else -1)
 
 
 def compare(a: Stat | None, b: Stat | None, min_difference: float) -> Comparison | None:

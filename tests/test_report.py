@@ -153,6 +153,17 @@ def test_seed_spread_widens_the_tie_threshold():
     assert compare(stat([0.66, 0.69, 0.72]), stat([0.67]), 0.01).tie == pytest.approx(0.03)
 
 
+def test_a_difference_equal_to_the_threshold_is_a_tie():
+    # the committed set's +2 vs +1 negatives: means 0.72237 and 0.71237 differ by 0.0100000000000001 in
+    # floating point, exactly the 0.01 threshold in 4-decimal metrics: a tie, not "helped"
+    records = ([rec("dpr_hn2", s, d) for s, d in ((13, 0.7235), (14, 0.7249), (15, 0.7187))]
+               + [rec("dpr_hn1", s, d) for s, d in ((13, 0.7031), (14, 0.7120), (15, 0.7220))])
+    c = compare(stat([0.7235, 0.7249, 0.7187]), stat([0.7031, 0.7120, 0.7220]), 0.01)
+    assert c.delta > c.tie and c.sign == 0
+    assert compare(stat([0.7236]), stat([0.7124]), 0.01).sign == 1     # 0.0112: ahead
+    assert by_key(claims(records, CFG))["2b"].verdict == "held"
+
+
 def test_claims_not_measured_without_their_variants():
     c = by_key(claims([rec("dpr_hn1", 13, 0.70)], CFG))
     assert c["1"].verdict == "held"
