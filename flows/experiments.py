@@ -10,7 +10,8 @@
    equal what this run would use is reused; otherwise the run is queued with
    `dvc exp run --queue --name <name> -S <variant's keys> -S train.seed=<seed> <pipeline stages>`.
 3. The queue runs in the foreground (`dvc exp run --run-all --jobs <jobs>`), each experiment in a
-   temporary copy of the repository; every queued run must end as a finished experiment.
+   temporary copy of the repository; every queued run must end as a finished experiment. If DVC's
+   queue worker dies with runs still queued (a known race of its file broker), it is restarted.
 4. The set's records (params, metrics per system, training history, recall curve) are written to
    reports/experiments.json, and `dvc repro report` writes reports/experiments.md and its plots.
 
@@ -34,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,8 @@ IGNORED_PARAMS = ("report.",)   # params no experiment reads: changing them must
 
 _EXPERIMENT = re.compile(r"^Reproducing experiment '([^']+)'")
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
+_WORKERS = re.compile(r"Worker status: (\d+) active, (\d+) idle")
+WATCH_SECONDS = 60.0   # how often run_queue checks that DVC's queue still has a worker
 
 
 # ---------------------------------------------------------------- the plan
@@ -291,20 +295,68 @@ def remove_experiment(ws: Path, found: Found, why: str) -> None:
     dvc(ws, "exp", "remove", found.name)   # by name: `exp remove` takes HEAD's names, not commit hashes
 
 
+def stalled(status: str) -> bool:
+    """`dvc queue status` shows experiments waiting in the queue and no worker to run them.
+
+    >>> stalled("Task  Name  Created  Status\\n7156741  dpr_sep-s14  05:27 PM  Queued\\n\\nWorker status: 0 active, 0 idle")
+    True
+    >>> stalled("7156741  dpr_sep-s14  05:27 PM  Queued\\nWorker status: 1 active, 0 idle")
+    False
+    """
+    m = _WORKERS.search(status)
+    queued = any(line.split()[-1:] == ["Queued"] for line in status.splitlines())
+    return bool(m) and queued and m.group(1) == m.group(2) == "0"
+
+
+def _watch_queue(ws: Path, jobs: int, stop: threading.Event, logger: Any, every: float = WATCH_SECONDS) -> None:
+    """Restart DVC's queue worker when it has died with experiments still queued.
+
+    DVC's worker can crash between two experiments on a half-written message of its file-system
+    broker (kombu's "JSONDecodeError: Expecting value"; treeverse/dvc-task#73), and then
+    `dvc exp run --run-all` waits for ever. Two stalled readings in a row (a worker takes a moment
+    to start) trigger `dvc queue start`.
+    """
+    misses = 0
+    while not stop.wait(every):
+        r = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], cwd=ws, env=_dvc_env(),
+                           capture_output=True, text=True, errors="replace")
+        misses = misses + 1 if r.returncode == 0 and stalled(r.stdout) else 0
+        if misses >= 2:
+            logger.warning("DVC's queue has experiments waiting and no worker (it crashed?): "
+                           "`dvc queue start --jobs %d`", jobs)
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)], cwd=ws,
+                           env=_dvc_env(), capture_output=True, text=True, errors="replace")
+            misses = 0
+
+
 @task(name="run-queue", cache_policy=NO_CACHE)
-def run_queue(ws: Path, jobs: int) -> dict[str, list[str]]:
-    """`dvc exp run --run-all`: run the queue in the foreground, its output in the log.
-    Returns {experiment: [stages it ran]}. DVC exits 0 even when an experiment failed: the
-    caller checks every run it queued."""
+def run_queue(ws: Path, jobs: int, watch_seconds: float = WATCH_SECONDS) -> dict[str, list[str]]:
+    """`dvc exp run --run-all`: run the queue in the foreground, its output in the log, restarting
+    DVC's worker if it dies (`_watch_queue`). Returns {experiment: [stages it ran]}. DVC exits 0
+    even when an experiment failed: the caller checks every run it queued."""
     logger = get_run_logger()
     args = [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "--jobs", str(jobs)]
     logger.info("$ dvc exp run --run-all --jobs %d  (in %s)", jobs, ws)
-    ran: dict[str, list[str]] = {}
-    current = None
     proc = subprocess.Popen(args, cwd=ws, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace")
     assert proc.stdout is not None
-    for raw in proc.stdout:
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_queue, args=(ws, jobs, stop, logger, watch_seconds), daemon=True)
+    watcher.start()
+    try:
+        ran = _follow(proc.stdout, logger)
+    finally:
+        stop.set()
+    if proc.wait() != 0:
+        raise StageError(f"`dvc exp run --run-all` exited with {proc.returncode} in {ws}")
+    return ran
+
+
+def _follow(lines: Any, logger: Any) -> dict[str, list[str]]:
+    """Log DVC's output line by line; {experiment: [stages it ran]} from its progress lines."""
+    ran: dict[str, list[str]] = {}
+    current = None
+    for raw in lines:
         line = raw.rstrip("\n").split("\r")[-1].rstrip()
         if not line:
             continue
@@ -314,8 +366,6 @@ def run_queue(ws: Path, jobs: int) -> dict[str, list[str]]:
             ran.setdefault(current, [])
         elif (m := _RUNNING.match(line)) and current is not None:
             ran[current].append(m.group(1))
-    if proc.wait() != 0:
-        raise StageError(f"`dvc exp run --run-all` exited with {proc.returncode} in {ws}")
     return ran
 
 

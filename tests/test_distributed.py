@@ -39,7 +39,10 @@ SCENARIOS = {
     "accumulate": (replace(BASE, batch_size=3, hard_negatives=2, grad_accumulation=2),
                    {"pooling": "mean", "normalize": True, "shared": False}, 16),
 }
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+# Adam divides each gradient by its own running norm, so a weight whose gradient is near zero moves by
+# float noise (DDP sums the gradients in another order): 1.2e-5 seen on AVX-512. 1e-4 is 3% of one
+# step at lr 3e-3, while a wrong gradient moves weights by whole steps
+TOL = {"rtol": 1e-5, "atol": 1e-4}
 RANKS_TIMEOUT = 300  # seconds; the run takes ~5
 
 
@@ -180,11 +183,11 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_runs, tmp_pat
     best, meta = DualEncoder.load(str(ddp_runs / name / "out"))
     ref_best, ref_meta = DualEncoder.load(str(tmp_path / "ref" / "out"))
     assert meta["epoch"] == ref_meta["epoch"]
-    assert _max_diff(best.state_dict(), ref_best.state_dict()) < 1e-5
+    assert _max_diff(best.state_dict(), ref_best.state_dict()) < TOL["atol"]
 
     # and the comparison can tell: one process with the per-rank batch trains differently
     _, small_weights = _single(tmp_path / "small", name, cfg.batch_size)
-    assert _max_diff(small_weights, ref_weights) > 100 * TOL["atol"]
+    assert _max_diff(small_weights, ref_weights) > 10 * TOL["atol"]
 
 
 @pytest.mark.slow  # shares the 2-process run (~10 s)

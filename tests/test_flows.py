@@ -228,11 +228,17 @@ def test_pipeline_with_nothing_changed_runs_no_stage(tiny_workspace, harness):
 def test_pipeline_after_a_params_change_reruns_only_affected_stages(tiny_workspace, harness):
     from flows.pipeline import pipeline
 
+    run_file = tiny_workspace / "data" / "runs" / "dpr.tsv"
+    before = run_file.read_bytes()
     set_params(tiny_workspace, {"index.kind": "hnsw"})     # read by `index` only (not index_zeroshot: --exact)
     state, result = run_flow(pipeline, tiny_workspace)
     assert state.is_completed(), state.message
-    assert result["ran"].keys() == {"index", "evaluate"}
-    assert set(result["skipped"]) == set(ALL_STAGES) - {"index", "evaluate"}
+    # evaluate reads the run file, not the params: DVC reruns it only if HNSW ranked differently. On a
+    # tiny corpus HNSW is exact, and where flat and HNSW share one SIMD kernel (AVX-512) the scores are
+    # bit for bit the same, so the run file may not change at all
+    rerun = {"index", "evaluate"} if run_file.read_bytes() != before else {"index"}
+    assert result["ran"].keys() == rerun
+    assert set(result["skipped"]) == set(ALL_STAGES) - rerun
     assert json.loads((tiny_workspace / "data" / "index" / "dpr" / "index.json").read_text())["kind"] == "hnsw"
     report = artifact(state, "pipeline-metrics")
     assert "| index | **ran** |" in report and "| train | unchanged, skipped | |" in report

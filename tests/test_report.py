@@ -406,6 +406,36 @@ def test_pipeline_code_is_code_files_not_stage_outputs(tmp_path):
     assert code["stages/index.py"] == hashlib.md5(b"stages/index.py").hexdigest()
 
 
+def test_queue_watchdog_restarts_a_dead_worker(monkeypatch):
+    import threading
+    import types
+
+    import flows.experiments as fx
+
+    stalled_text = "7156741  dpr_sep-s14  05:27 PM  Queued\n\nWorker status: 0 active, 0 idle\n"
+    busy_text = "7156741  dpr_sep-s14  05:27 PM  Running\n\nWorker status: 1 active, 0 idle\n"
+    # one stalled reading (a worker starting up), a busy one, then stalled for good
+    readings = iter([stalled_text, busy_text, stalled_text, stalled_text])
+    calls, stop = [], threading.Event()
+
+    def fake_run(args, **kw):
+        calls.append(args[3:5])
+        if args[3:5] == ["queue", "status"]:
+            text = next(readings, None)
+            if text is None:
+                stop.set()
+                text = busy_text
+            return types.SimpleNamespace(returncode=0, stdout=text)
+        return types.SimpleNamespace(returncode=0, stdout="Started '1' new experiments task queue worker.")
+
+    monkeypatch.setattr(fx.subprocess, "run", fake_run)
+    warnings = []
+    logger = types.SimpleNamespace(warning=lambda *a: warnings.append(a))
+    fx._watch_queue(Path("."), 1, stop, logger, every=0.001)
+    assert calls == [["queue", "status"]] * 4 + [["queue", "start"]] + [["queue", "status"]]
+    assert len(warnings) == 1
+
+
 def test_docstring_examples():
     import doctest
 
