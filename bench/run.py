@@ -193,7 +193,6 @@ def notes(r: dict) -> list[str]:
     out = []
     m = r["machine"]
     e = r.get("encode")
-    native = bool(m.get("amx_tile") or m.get("avx512_bf16"))
     cpu = (f"This CPU ({m['cpu']}: avx512f {fmt(m['avx512f'])}, avx512_bf16 {fmt(m['avx512_bf16'])}, "
            f"amx {fmt(m['amx_tile'])})")
     if e and "ratio" in e:
@@ -201,7 +200,7 @@ def notes(r: dict) -> list[str]:
         padding = (f"{e['share_at_max_length']:.0%} of SciFact passages reach {e['max_length']} tokens (mean "
                    f"{e['mean_tokens']:.0f}), so length sorting saves only "
                    f"{1 - e['gflop_per_passage_useful'] / e['gflop_per_passage_naive']:.0%} of the padded loop's FLOPs")
-        if native:
+        if e["precision_auto_is_bf16"]:   # the core's own decision (dprpipe.model.native_bf16), recorded by the run
             out.append(
                 f"Encoding {e['ratio']:.2f}x (target 2.5x, {met}). {cpu} runs bf16 natively, so `precision: auto` "
                 f"turns bf16 autocast on: forced bf16 measured {1 / e['bf16_slowdown']:.1f}x faster than fp32 on the "

@@ -318,15 +318,16 @@ def _watch_queue(ws: Path, jobs: int, stop: threading.Event, logger: Any, every:
     """
     misses = 0
     while not stop.wait(every):
-        r = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], cwd=ws, env=_dvc_env(),
-                           capture_output=True, text=True, errors="replace")
-        misses = misses + 1 if r.returncode == 0 and stalled(r.stdout) else 0
-        if misses >= 2:
-            logger.warning("DVC's queue has experiments waiting and no worker (it crashed?): "
-                           "`dvc queue start --jobs %d`", jobs)
-            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)], cwd=ws,
-                           env=_dvc_env(), capture_output=True, text=True, errors="replace")
+        try:
+            misses = misses + 1 if stalled(dvc(ws, "queue", "status")) else 0
+            if misses >= 2:
+                logger.warning("DVC's queue has experiments waiting and no worker (it crashed?): "
+                               "`dvc queue start --jobs %d`", jobs)
+                misses = 0
+                dvc(ws, "queue", "start", "--jobs", str(jobs))
+        except StageError as err:   # a failed reading is not a stall; the watchdog itself must not die
             misses = 0
+            logger.warning("queue watchdog: %s", err)
 
 
 @task(name="run-queue", cache_policy=NO_CACHE)
