@@ -436,6 +436,33 @@ def test_queue_watchdog_restarts_a_dead_worker(monkeypatch):
     assert len(warnings) == 1
 
 
+
+def test_queue_watchdog_failed_reading_is_not_a_stall(monkeypatch):
+    """A `dvc queue status` that fails (exit 1) resets the count instead of ending the watchdog:
+    stalled, failed, stalled is not two stalls in a row, so no restart."""
+    import threading
+    import types
+
+    import flows.experiments as fx
+
+    stalled_text = "7156741  dpr_sep-s14  05:27 PM  Queued\n\nWorker status: 0 active, 0 idle\n"
+    readings = iter([(0, stalled_text), (1, ""), (0, stalled_text)])
+    calls, stop = [], threading.Event()
+
+    def fake_run(args, **kw):
+        calls.append(args[3:5])
+        code, text = next(readings, (0, "Worker status: 1 active, 0 idle\n"))
+        if len(calls) == 4:
+            stop.set()
+        return types.SimpleNamespace(returncode=code, stdout=text, stderr="lock held" if code else "")
+
+    monkeypatch.setattr(fx.subprocess, "run", fake_run)
+    warnings = []
+    logger = types.SimpleNamespace(warning=lambda *a: warnings.append(a))
+    fx._watch_queue(Path("."), 1, stop, logger, every=0.001)
+    assert calls == [["queue", "status"]] * 4
+    assert len(warnings) == 1 and "lock held" in str(warnings[0])
+
 def test_docstring_examples():
     import doctest
 
