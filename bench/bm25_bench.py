@@ -41,7 +41,7 @@ def run(data: str, quick: bool, repeats: int) -> dict:
     from rank_bm25 import BM25Okapi
 
     from dprpipe.bm25 import BM25Index
-    from dprpipe.data import read_dataset
+    from dprpipe.prepare import read_dataset
     from dprpipe.mine import MineConfig, passage_text
 
     cfg = section_config(MineConfig, "mine")

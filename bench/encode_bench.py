@@ -83,7 +83,7 @@ def ndcg_on_sample(q_emb: np.ndarray, p_emb: np.ndarray, queries, pids: list[str
 def run(data: str, quick: bool, repeats: int) -> dict:
     from dataclasses import replace
 
-    from dprpipe.data import read_dataset
+    from dprpipe.prepare import read_dataset
     from dprpipe.encode import encode_texts
     from dprpipe.model import DualEncoder, EncoderConfig, native_bf16, passage_texts
 

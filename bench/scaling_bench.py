@@ -34,7 +34,8 @@ def encode_child(n: int, words: int, block_size: int, batch_size: int, repeats: 
     """
     from common import peak_rss_bytes, reset_peak_rss, rss_bytes
 
-    from dprpipe.data import Passage, read_dataset
+    from dprpipe.prepare import read_dataset
+    from dprpipe.records import Passage
     from dprpipe.encode import encode_passages_to
     from dprpipe.model import DualEncoder, EncoderConfig
 
@@ -67,7 +68,7 @@ def encode_child(n: int, words: int, block_size: int, batch_size: int, repeats: 
 
 def run(data: str, quick: bool, repeats: int) -> dict:
     from dprpipe.bm25 import BM25Index
-    from dprpipe.data import read_dataset
+    from dprpipe.prepare import read_dataset
     from dprpipe.index import IndexConfig, build_index
     from dprpipe.mine import MineConfig, passage_text
     from index_bench import synthetic

@@ -50,7 +50,7 @@ def _steps(precision: str, data, cfg, enc_cfg, n_steps: int) -> dict:
 
 
 def run(data: str, quick: bool, repeats: int) -> dict:
-    from dprpipe.data import read_dataset
+    from dprpipe.prepare import read_dataset
     from dprpipe.mine import MineConfig, Miner
     from dprpipe.model import EncoderConfig, native_bf16
     from dprpipe.train import TrainConfig, TrainData

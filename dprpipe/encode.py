@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import Passage
 from .io import DataError, atomic_memmap, atomic_write, read_ids, write_ids
 from .model import DualEncoder, autocast, passage_texts
+from .records import Passage
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .data import Passage, Query
+from .records import Passage, Query
 from .io import Run
 from .text import has_answer
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .bm25 import BM25Index, BM25Params
-from .data import Passage, Query
 from .io import Run
+from .records import Passage, Query
 from .text import Analyzer, has_answer
 
 

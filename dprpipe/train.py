@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
-from .data import Passage, Query
+from .records import Passage, Query
 from .encode import encode_texts
 from .evaluate import ndcg_at_k
 from .io import DataError, atomic_dir, verify_checksums, write_checksums

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from common import load_params, parser, run
 
-from dprpipe.data import read_corpus, read_queries
 from dprpipe.encode import encode_passages_to, encode_texts, save_embeddings
 from dprpipe.io import atomic_dir
 from dprpipe.model import DualEncoder, EncoderConfig, device
+from dprpipe.records import read_corpus, read_queries
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ per system) for `dvc plots`.
 
 from common import load_params, parser, run
 
-from dprpipe.data import read_corpus, read_queries
+from dprpipe.records import read_corpus, read_queries
 from dprpipe.evaluate import EvaluateConfig, evaluate_runs
 from dprpipe.io import DataError, atomic_write, read_run, write_json
 from dprpipe.search import hybrid_run

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from common import load_params, parser, run
 
-from dprpipe.data import read_corpus, read_queries
 from dprpipe.io import atomic_dir, write_jsonl, write_run
 from dprpipe.mine import MineConfig, Miner
+from dprpipe.records import read_corpus, read_queries
 
 
 def main() -> None:

@@ -8,8 +8,9 @@ nothing is written; one set to "warn" prints a warning line and goes on.
 
 from common import load_params, parser, run
 
-from dprpipe.data import PrepareConfig, prepare, write_corpus, write_queries
 from dprpipe.io import atomic_dir, write_json
+from dprpipe.prepare import PrepareConfig, prepare
+from dprpipe.records import write_corpus, write_queries
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from common import load_params, parser, run
 
 from dprpipe import distributed
-from dprpipe.data import read_corpus, read_queries
+from dprpipe.records import read_corpus, read_queries
 from dprpipe.io import DataError, atomic_write, read_jsonl, write_json
 from dprpipe.model import DualEncoder, EncoderConfig
 from dprpipe.train import TrainConfig, TrainData, train

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from dprpipe.data import Passage, Query
 from dprpipe.model import DualEncoder, EncoderConfig
+from dprpipe.records import Passage, Query
 
 
 @pytest.fixture(autouse=True, scope="module")

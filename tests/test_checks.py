@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dprpipe import checks
-from dprpipe.data import PrepareConfig, prepare
+from dprpipe.prepare import PrepareConfig, prepare
 from dprpipe.io import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

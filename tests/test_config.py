@@ -8,7 +8,7 @@ import yaml
 
 from dprpipe.bm25 import BM25Params
 from dprpipe.config import from_mapping, to_dict
-from dprpipe.data import PrepareConfig
+from dprpipe.prepare import PrepareConfig
 from dprpipe.evaluate import EvaluateConfig
 from dprpipe.mine import MineConfig
 

@@ -24,11 +24,11 @@ import yaml
 from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
 from dense_fixtures import tiny_encoder, toy_corpus, toy_negatives, toy_queries
 
-from dprpipe.data import Passage, Query, write_corpus, write_queries
 from dprpipe.encode import encode_passages_to, encode_texts
 from dprpipe.evaluate import EvaluateConfig, evaluate_runs
 from dprpipe.index import IndexConfig, Searcher, build_index
 from dprpipe.model import DualEncoder
+from dprpipe.records import Passage, Query, write_corpus, write_queries
 from dprpipe.train import TrainConfig, TrainData, train
 
 ROOT = Path(__file__).resolve().parents[1]

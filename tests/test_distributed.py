@@ -23,8 +23,8 @@ from dense_fixtures import tiny_encoder, toy_corpus, toy_negatives, toy_queries
 from torch import nn
 
 from dprpipe import distributed
-from dprpipe.data import Query
 from dprpipe.model import DualEncoder
+from dprpipe.records import Query
 from dprpipe.train import (TrainConfig, TrainData, _ddp, _fingerprint, epoch_batches, gathered_order, step_gradients,
                            train)
 

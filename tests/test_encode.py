@@ -8,10 +8,10 @@ from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
 from dense_fixtures import tiny_encoder
 
 import dprpipe.encode as encode_mod
-from dprpipe.data import Passage
 from dprpipe.encode import encode_passages_to, encode_texts, load_embeddings, read_ids, save_embeddings
 from dprpipe.io import DataError
 from dprpipe.model import passage_texts
+from dprpipe.records import Passage
 
 # lengths deliberately unsorted, so length-sorted batches must be put back in place
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()

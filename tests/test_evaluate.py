@@ -2,7 +2,7 @@
 
 import pytest
 
-from dprpipe.data import Passage, Query
+from dprpipe.records import Passage, Query
 from dprpipe.evaluate import (EvaluateConfig, evaluate_run, evaluate_runs, first_answer_rank, mrr_at_k,
                               ndcg_at_k, recall_at_k, recall_curve)
 

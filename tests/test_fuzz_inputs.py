@@ -29,8 +29,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import dprpipe.io
-from dprpipe.data import PrepareConfig, read_corpus, read_queries
 from dprpipe.io import DataError
+from dprpipe.prepare import PrepareConfig
+from dprpipe.records import read_corpus, read_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPARE = str(ROOT / "stages" / "prepare.py")

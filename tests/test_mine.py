@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from dprpipe.data import Passage, Query
 from dprpipe.mine import MineConfig, Miner, passage_text
+from dprpipe.records import Passage, Query
 
 CORPUS = [
     Passage("p0", "Eiffel Tower", "The tower in Paris was built for the 1889 world fair."),

@@ -18,11 +18,11 @@ from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
 from dense_fixtures import tiny_encoder
 
 import dprpipe.shard as shard_mod
-from dprpipe.data import Passage, read_corpus, write_corpus
 from dprpipe.encode import encode_passages_to, load_embeddings, save_embeddings
 from dprpipe.index import IndexConfig, Searcher, build_index, save_index
 from dprpipe.io import DataError
 from dprpipe.model import DualEncoder
+from dprpipe.records import Passage, read_corpus, write_corpus
 from dprpipe.shard import (merge_indexes, merge_shards, mergeable, read_corpus_range, shard_files, shard_indexes,
                            shard_ranges, trained_template)
 

@@ -13,7 +13,7 @@ from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
 from dense_fixtures import TOPICS, tiny_encoder, toy_corpus, toy_negatives, toy_queries
 
 import dprpipe.train as train_mod
-from dprpipe.data import Passage, Query
+from dprpipe.records import Passage, Query
 from dprpipe.model import DualEncoder, compute_loss, compute_similarity, passage_texts
 from dprpipe.train import TrainConfig, TrainData, batch_loss, epoch_batches, train
 

@@ -1,0 +1,215 @@
+"""The prepare step: read a BEIR or DPR dataset, check it, split passages, hold out a dev split.
+
+Reading is two steps: `read_raw` parses the files with the reader of their format
+(`dprpipe.beir`, `dprpipe.dpr_format`) into a `RawDataset` that keeps every record and where it
+came from; `checked` runs the data checks of `dprpipe.checks` (repeated ids, empty texts,
+judgements of missing passages, queries without a relevant passage) under the `prepare.on_*`
+policies and builds the `Dataset`. `prepare` then splits documents into passages
+(`max_words`), holds out a dev split when the data has none, and checks the final splits for
+leakage (the same question in two splits).
+
+Inputs: a `PrepareConfig` (params.yaml `prepare:`). Outputs: the `Dataset` (written by the
+stage in the prepared layout of `dprpipe.records`) and a data report of counts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from . import checks
+from .beir import read_beir_raw
+from .checks import Loc
+from .dpr_format import read_dpr_raw
+from .io import DataError, clip
+from .raw import RawDataset, resolve
+from .records import SPLITS, Dataset, Passage, Query
+
+# ---------------------------------------------------------------- reading
+
+def detect_format(folder: str | os.PathLike) -> str:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, None, "dataset folder not found; set prepare.dataset in params.yaml")
+    if (folder / "corpus.jsonl").exists():
+        return "beir"
+    if any((folder / f"{s}.json").exists() for s in SPLITS):
+        return "dpr"
+    raise DataError(folder, None, "cannot tell the format: expected corpus.jsonl (BEIR) "
+                    "or {train,dev,test}.json (DPR); or set prepare.format")
+
+
+def read_raw(folder: str | os.PathLike, fmt: str = "auto") -> RawDataset:
+    """Every record of a BEIR or DPR folder, with where it came from; format errors raise DataError."""
+    fmt = detect_format(folder) if fmt == "auto" else fmt
+    readers = {"beir": read_beir_raw, "dpr": read_dpr_raw}
+    if fmt not in readers:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of auto, beir, dpr")
+    return readers[fmt](folder)
+
+
+def read_dataset(folder: str | os.PathLike, fmt: str = "auto") -> Dataset:
+    """Read a BEIR or DPR folder and apply the data checks with the default policies of `PrepareConfig`."""
+    ds, _, _ = checked(read_raw(folder, fmt), PrepareConfig().policies())
+    return ds
+
+
+# ---------------------------------------------------------------- transforms
+
+def split_passages(corpus: Iterable[Passage], max_words: int) -> tuple[list[Passage], dict[str, list[str]]]:
+    """Split documents into passages of at most `max_words` words (DPR used 100).
+
+    Each piece keeps the document title. Returns the passages and docid -> [passage ids].
+    A document that fits in one piece keeps its id; longer ones get `docid#0`, `docid#1`, ...
+
+    >>> ps, m = split_passages([Passage("d", "T", "a b c")], 2)
+    >>> [(p.id, p.text) for p in ps], m
+    ([('d#0', 'a b'), ('d#1', 'c')], {'d': ['d#0', 'd#1']})
+    """
+    if max_words <= 0:
+        raise ValueError(f"max_words must be positive, got {max_words}")
+    out: list[Passage] = []
+    pieces: dict[str, list[str]] = {}
+    for doc in corpus:
+        words = doc.text.split()
+        if len(words) <= max_words:
+            out.append(doc)
+            pieces[doc.id] = [doc.id]
+            continue
+        ids = []
+        for i, start in enumerate(range(0, len(words), max_words)):
+            pid = f"{doc.id}#{i}"
+            out.append(Passage(pid, doc.title, " ".join(words[start:start + max_words])))
+            ids.append(pid)
+        pieces[doc.id] = ids
+    return out, pieces
+
+
+def carry_labels(queries: list[Query], pieces: Mapping[str, list[str]]) -> list[Query]:
+    """Give every passage of a judged document the document's grade."""
+    return [Query(q.id, q.text, q.answers,
+                  {pid: g for d, g in q.relevant.items() for pid in pieces.get(d, [d])})
+            for q in queries]
+
+
+def hold_out(queries: list[Query], fraction: float, seed: int) -> tuple[list[Query], list[Query]]:
+    """Split queries into (kept, held out) with a seeded shuffle; order within each part is kept."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {fraction}")
+    n_out = round(len(queries) * fraction)
+    order = list(range(len(queries)))
+    random.Random(seed).shuffle(order)
+    out = set(order[:n_out])
+    return ([q for i, q in enumerate(queries) if i not in out],
+            [q for i, q in enumerate(queries) if i in out])
+
+
+# ---------------------------------------------------------------- the prepare step
+
+POLICIES = ("error", "warn")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    dataset: str = "../shared/datasets/scifact"
+    format: str = "auto"          # auto | beir | dpr
+    max_words: int = 0            # split documents into passages of at most this many words; 0 = keep whole
+    dev_fraction: float = 0.1     # held out of train for validation when the dataset has no dev split
+    seed: int = 13
+    # data checks (dprpipe.checks): "error" stops prepare at the first case, "warn" reports and goes on
+    on_duplicate_ids: str = "error"     # a passage, query or judgement seen twice; warn keeps the first
+    on_empty_texts: str = "warn"        # a passage or query with a blank text; warn keeps it
+    on_missing_passages: str = "error"  # a judgement of a passage (or query) that is not there; warn drops it
+    on_unjudged_queries: str = "warn"   # a query with no relevant passage; warn keeps it (BEIR leaves out
+                                        # queries that no qrels file names)
+    on_leakage: str = "warn"            # the same question text in two splits; warn keeps both
+
+    def __post_init__(self):
+        if self.format not in ("auto", "beir", "dpr"):
+            raise ValueError(f"format {self.format!r} is not a dataset format; expected auto, beir or dpr")
+        if self.max_words < 0:
+            raise ValueError(f"max_words must be >= 0 (0 keeps documents whole), got {self.max_words}")
+        if not 0 <= self.dev_fraction < 1:
+            raise ValueError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
+        for check, policy in self.policies().items():
+            if policy not in POLICIES:
+                raise ValueError(f"on_{check} must be 'error' or 'warn', got {policy!r}")
+
+    def policies(self) -> dict[str, str]:
+        """check name -> "error" | "warn", from the `on_<check>` fields."""
+        return {f.name[3:]: getattr(self, f.name) for f in fields(self) if f.name.startswith("on_")}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def checked(raw: RawDataset, policies: Mapping[str, str], warn: Callable[[str], None] = _stderr
+            ) -> tuple[Dataset, dict[str, int], dict[str, Loc]]:
+    """Run the data checks on `raw` under `policies` and build the Dataset.
+
+    Returns the dataset, the number of cases per check, and where each query came from (for
+    the leakage check, which runs on the final splits). A check whose policy is "error" raises
+    a DataError naming its first case; "warn" calls `warn` with one line per check.
+    """
+    counts: dict[str, int] = {}
+
+    def apply(check: str, found: list[checks.Finding]) -> None:
+        counts[check] = len(found)
+        checks.enforce(found, check, policies[check], warn)
+
+    # in this order, so that a record dropped by one check is not a case of the next
+    p_ids = [p.id for p in raw.passages]
+    q_ids = [q.id for q in raw.queries]
+    dup_p = checks.duplicate_ids(p_ids, raw.passage_at, lambda k: f"passage id {clip(k)}")
+    dup_q = checks.duplicate_ids(q_ids, raw.query_at, lambda k: f"query id {clip(k)}")
+    dup_j = checks.duplicate_ids([(j.split, j.qid, j.docid) for j in raw.judgements], raw.judgement_at,
+                                 lambda k: f"judgement of query {clip(k[1])} against passage {clip(k[2])}")
+    apply("duplicate_ids", dup_p + dup_q + dup_j)
+    drop_p, drop_q, drop_j = ({f.index for f in found} for found in (dup_p, dup_q, dup_j))
+
+    missing = checks.missing_ids([(j.qid, j.docid) for j in raw.judgements], raw.judgement_at,
+                                 set(q_ids), set(p_ids), skip=drop_j)
+    apply("missing_passages", missing)
+    drop_j |= {f.index for f in missing}
+
+    apply("empty_texts",
+          checks.empty_texts([p.text for p in raw.passages], p_ids, raw.passage_at, "passage", skip=drop_p)
+          + checks.empty_texts([q.text for q in raw.queries], q_ids, raw.query_at, "query", skip=drop_q))
+
+    judged = {j.qid for i, j in enumerate(raw.judgements) if j.grade > 0 and i not in drop_j}
+    in_split = {qid for qids in raw.split_queries.values() for qid in qids}
+    apply("unjudged_queries", checks.unjudged_queries(q_ids, raw.query_at, judged, in_split, skip=drop_q))
+
+    ds = resolve(raw, drop_p, drop_q, drop_j)
+    query_at = {q.id: raw.query_at[i] for i, q in enumerate(raw.queries) if i not in drop_q}
+    return ds, counts, query_at
+
+
+def prepare(cfg: PrepareConfig, warn: Callable[[str], None] = _stderr) -> tuple[Dataset, dict]:
+    """Read and check the dataset, split passages, hold out a dev split; return it with a report.
+
+    The report counts documents, passages, queries and judgements per split, and under
+    "checks" the cases each data check found (0 where the data is clean).
+    """
+    ds, counts, query_at = checked(read_raw(cfg.dataset, cfg.format), cfg.policies(), warn)
+    n_docs = len(ds.corpus)
+    if cfg.max_words:
+        ds.corpus, pieces = split_passages(ds.corpus, cfg.max_words)
+        ds.splits = {s: carry_labels(qs, pieces) for s, qs in ds.splits.items()}
+    if "dev" not in ds.splits and "train" in ds.splits and cfg.dev_fraction > 0:
+        ds.splits["train"], ds.splits["dev"] = hold_out(ds.splits["train"], cfg.dev_fraction, cfg.seed)
+    # after the hold-out: a question held out for validation that is also in train is a leak too
+    leaks = checks.leakage({s: [(q.id, q.text) for q in qs] for s, qs in ds.splits.items()}, query_at)
+    counts["leakage"] = len(leaks)
+    checks.enforce(leaks, "leakage", cfg.on_leakage, warn)
+    report: dict = {"documents": n_docs, "passages": len(ds.corpus)}
+    for split, qs in ds.splits.items():
+        report[f"{split}_queries"] = len(qs)
+        report[f"{split}_judgements"] = sum(len(q.positives) for q in qs)
+    report["checks"] = {check: counts.get(check, 0) for check in checks.CHECKS}
+    return ds, report
