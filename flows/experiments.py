@@ -49,7 +49,7 @@ from prefect.cache_policies import NO_CACHE
 if __package__ in (None, ""):   # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dprpipe.report import (SEED_KEY, VARIANTS, ExperimentSet, Record, record_from_outputs, run_name,  # noqa: E402
+from dprpipe.claims import (SEED_KEY, VARIANTS, ExperimentSet, Record, record_from_outputs, run_name,  # noqa: E402
                             to_json)
 from flows.common import (ENCODING, EVALUATION, MINING, TRAINING, StageError, _dvc_env, _flatten,  # noqa: E402
                           dvc_repro, hydra_value, resolve_workspace, skipped, workspace_lock)

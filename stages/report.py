@@ -7,8 +7,9 @@ score per epoch), committed in git (`cache: false` in dvc.yaml).
 
 from common import load_params, parser, run
 
+from dprpipe.claims import ReportConfig, read_experiments
 from dprpipe.io import atomic_write
-from dprpipe.report import ReportConfig, build_report, read_experiments
+from dprpipe.report import build_report
 
 
 def main() -> None:
