@@ -1,25 +1,20 @@
 """File plumbing shared by every stage: atomic writes, JSONL and TSV records, run files.
 
-Inputs: paths. Outputs: files written atomically (a temporary name in the same folder,
-then `os.replace`), so a killed stage never leaves a half-written output that a later
-stage could read; the temporary names carry the writer's pid, and the next write of the
-same path removes those of writers that died. Read errors are `DataError`s that name the
-file, the line and the fix. `write_checksums` / `verify_checksums` let a reader tell a
-truncated or corrupted artifact folder from a good one.
+Inputs: paths. Outputs: files and folders written atomically (`.name.tmp` in the same folder,
+then `os.replace`), so a killed stage never leaves a half-written output that a later stage
+could read; the next write of the same path removes a killed writer's temporary. Read errors
+are `DataError`s that name the file, the line and the fix. `write_checksums` /
+`verify_checksums` let a reader tell a truncated or corrupted artifact folder from a good one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -65,68 +60,35 @@ def clip(value: Any, limit: int = 60) -> str:
     return text[:limit - 4] + "..." + text[0] * (text[0] in "'\"") + size
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _temp_path(path: Path) -> Path:
+    """`.name.tmp` next to `path`: where its next version is written before the rename."""
+    return path.with_name(f".{path.name}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    try:  # a killed child that its parent has not reaped yet is dead too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _temp_prefix(path: Path) -> str:
-    """`.name.<pid>.`: the writer's pid in a temporary name tells a dead writer's leftover from a live one."""
-    return f".{path.name}.{os.getpid()}."
-
-
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files and folders of `path` left by writers that were killed.
-
-    A SIGKILLed stage cannot clean up after itself; the next write of the same output does.
-    Returns what was removed.
-    """
-    path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^/]*\.tmp")
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in path.parent.iterdir():
-            m = pattern.fullmatch(entry.name)
-            if m and not _pid_alive(int(m.group(1))):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry)
-    return removed
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def _temp_file(path: Path) -> Iterator[str]:
-    """A new empty temporary file next to `path`, with the mode open() would give it, that
-    replaces `path` if the body succeeds and is removed if it fails."""
+def _temp_file(path: Path) -> Iterator[Path]:
+    """An empty temporary file next to `path` that replaces `path` if the body succeeds and is
+    removed if it fails.
+
+    The name is fixed, so a writer killed before its rename leaves a temporary that the next
+    write of `path` removes; DVC runs one stage at a time per output, so no two writers share it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_path(path)
+    _remove(tmp)
+    open(tmp, "wb").close()   # the mode a plain open() gives
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         yield tmp
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -153,65 +115,23 @@ def atomic_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype=np.floa
         arr.flush()
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
-
-
-@functools.cache
-def _renameat2():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2   # glibc >= 2.28
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; it replaces `path` only on success.
 
-    On Linux the new folder and the old one swap places in one step (renameat2), so `path` is
-    always either the whole old folder or the whole new one. Elsewhere the old folder first
-    moves aside to `.name.old`: a writer killed between the two renames leaves no `path` at
-    all (never a partial one), and the next write removes the `.old` folder.
+    A failed body leaves the old folder as it was. On success the old folder is removed and
+    the new one renamed into place, so a writer killed in between leaves no `path` at all, never
+    a partial one (DVC then reruns the stage, as it does for any missing output).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    old = path.with_name(f".{path.name}.old")
-    _remove(old)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+    tmp = _temp_path(path)
+    _remove(tmp)
+    tmp.mkdir()                # the mode a plain mkdir() gives
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it the mode mkdir() would
         yield tmp
-        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
-            _remove(tmp)                   # the old folder, under the temporary name
-            return
-        if path.exists() or path.is_symlink():
-            os.replace(path, old)
+        _remove(path)
         os.replace(tmp, path)
-        _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,4 @@
-"""Atomic writes (also under SIGKILL), stale temporaries, checksums, run files and line readers."""
+"""Atomic writes (also under SIGKILL), killed writers' temporaries, checksums, run files and line readers."""
 
 import os
 import shutil
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dprpipe.io import (CHECKSUMS, DataError, atomic_dir, atomic_write, read_jsonl, read_run, read_tsv,
-                        remove_stale_temps, verify_checksums, write_checksums, write_json, write_jsonl, write_run)
+from dprpipe.io import (CHECKSUMS, DataError, atomic_dir, atomic_memmap, atomic_write, read_jsonl, read_run,
+                        read_tsv, verify_checksums, write_checksums, write_json, write_jsonl, write_run)
 
 
 class Boom(Exception):
@@ -164,7 +164,7 @@ def test_write_json(tmp_path):
 # ---------------------------------------------------------------- killed writers (SIGKILL: no cleanup runs)
 
 # A child that rewrites folder `out` (two files) with atomic_dir and SIGKILLs itself just before
-# its n-th step (a rename, the swap, or a removal); EXCHANGE=0 takes the path without renameat2.
+# its n-th step (a removal or a rename).
 KILLED_WRITER = r"""
 import os, signal, sys
 from pathlib import Path
@@ -177,9 +177,7 @@ def step(fn):
             os.kill(os.getpid(), signal.SIGKILL)
         return fn(*a, **k)
     return wrapper
-if os.environ.get("EXCHANGE") == "0":
-    io._renameat2 = lambda: None
-io.os.replace, io._exchange, io._remove = step(os.replace), step(io._exchange), step(io._remove)
+io.os.replace, io._remove = step(os.replace), step(io._remove)
 with io.atomic_dir(Path(sys.argv[1]) / "out") as tmp:
     (tmp / "a.txt").write_text("new a")
     (tmp / "b.txt").write_text("new b")
@@ -190,8 +188,7 @@ def _contents(folder: Path) -> dict | None:
     return {p.name: p.read_text() for p in folder.iterdir()} if folder.is_dir() else None
 
 
-@pytest.mark.parametrize("exchange", ["1", "0"])
-def test_killed_folder_writer_leaves_the_old_or_the_new_folder(tmp_path, exchange):
+def test_killed_folder_writer_leaves_the_old_folder_the_new_one_or_none(tmp_path):
     old, new = {"a.txt": "old a", "b.txt": "old b"}, {"a.txt": "new a", "b.txt": "new b"}
     seen = []
     for n in range(1, 8):
@@ -200,22 +197,21 @@ def test_killed_folder_writer_leaves_the_old_or_the_new_folder(tmp_path, exchang
         out.mkdir()
         for name, text in old.items():
             (out / name).write_text(text)
-        r = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(n)],
-                           env={**os.environ, "EXCHANGE": exchange}, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(n)], capture_output=True,
+                           text=True, timeout=60)
         state = _contents(out)
-        seen.append(state == new)
+        seen.append(state)
         if r.returncode == 0:                     # n is past the last step: the write completed
             assert state == new and sorted(os.listdir(tmp_path)) == ["out"]
             break
         assert r.returncode == -signal.SIGKILL, r.stderr
-        # with renameat2 the folder is always whole; without it, it may be missing between two renames
-        allowed = (old, new) if exchange == "1" else (old, new, None)
-        assert state in allowed, (n, state)
+        # never a partial or mixed folder; missing between the removal and the rename (DVC reruns the stage)
+        assert state in (old, new, None), (n, state)
         # the next write cleans up whatever the killed one left
         with atomic_dir(out) as tmp:
             (tmp / "c.txt").write_text("c")
         assert sorted(os.listdir(tmp_path)) == ["out"] and _contents(out) == {"c.txt": "c"}
-    assert seen[0] is False and seen[-1] is True     # the kills covered before and after the switch
+    assert seen[0] == old and seen[-1] == new and None in seen   # the kills covered every step
 
 
 def test_killed_file_writer_keeps_the_old_file_and_its_temporary_is_removed_later(tmp_path):
@@ -227,27 +223,42 @@ def test_killed_file_writer_keeps_the_old_file_and_its_temporary_is_removed_late
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=60)
     assert r.returncode == -signal.SIGKILL
     assert path.read_text() == "old\n"
-    [temp] = [p for p in os.listdir(tmp_path) if p != "run.tsv"]
-    assert temp.startswith(".run.tsv.") and temp.endswith(".tmp")      # the killed writer's, with its pid
+    assert sorted(os.listdir(tmp_path)) == [".run.tsv.tmp", "run.tsv"]      # the killed writer's temporary
     write_run(path, {"q": [("d", 1.0)]})
     assert os.listdir(tmp_path) == ["run.tsv"]
 
 
-def test_stale_temporaries_only_of_dead_writers_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (tmp_path / f".out.{dead}.abc123.tmp").write_text("left by a killed writer")
-        (tmp_path / f".out.{dead}.dir456.tmp").mkdir()
-        (tmp_path / f".out.{live.pid}.xyz789.tmp").write_text("being written right now")
-        (tmp_path / f".other.{dead}.abc123.tmp").write_text("another output's")
-        removed = remove_stale_temps(tmp_path / "out")
-        assert sorted(p.name for p in removed) == [f".out.{dead}.abc123.tmp", f".out.{dead}.dir456.tmp"]
-        assert sorted(os.listdir(tmp_path)) == sorted([f".out.{live.pid}.xyz789.tmp", f".other.{dead}.abc123.tmp"])
-    finally:
-        live.kill()
-        live.wait()
+# A child that SIGKILLs itself in the middle of filling an atomic folder (a memmap half written
+# inside it) and of an atomic file next to it: the temporaries of two outputs are left behind.
+KILLED_MID_BODY = r"""
+import os, signal, sys
+from pathlib import Path
+import dprpipe.io as io
+root = Path(sys.argv[1])
+with io.atomic_dir(root / "emb") as tmp, io.atomic_write(root / "run.tsv") as f:
+    with io.atomic_memmap(tmp / "passages.npy", (1000, 8)) as arr:
+        arr[:500] = 1.0
+        f.write("q\td\t1.0\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_killed_writers_temporaries_go_with_the_next_write_of_their_own_output(tmp_path):
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "passages.npy").write_bytes(b"old")
+    r = subprocess.run([sys.executable, "-c", KILLED_MID_BODY, str(tmp_path)], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path)) == [".emb.tmp", ".run.tsv.tmp", "emb"]
+    assert sorted(os.listdir(tmp_path / ".emb.tmp")) == [".passages.npy.tmp"]     # the half-filled memmap
+    assert (tmp_path / "emb" / "passages.npy").read_bytes() == b"old"           # the old output is intact
+    with atomic_dir(tmp_path / "emb") as tmp:
+        with atomic_memmap(tmp / "passages.npy", (2, 8)) as arr:
+            arr[:] = 2.0
+    # the folder's temporary is gone; the other output's is left to that output's next write
+    assert sorted(os.listdir(tmp_path)) == [".run.tsv.tmp", "emb"]
+    assert os.listdir(tmp_path / "emb") == ["passages.npy"]
+    write_run(tmp_path / "run.tsv", {"q": [("d", 2.0)]})
+    assert sorted(os.listdir(tmp_path)) == ["emb", "run.tsv"]
 
 
 # ---------------------------------------------------------------- checksums of artifact folders
