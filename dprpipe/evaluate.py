@@ -1,12 +1,29 @@
 """Retrieval metrics over runs: nDCG@k, MRR@k, Recall@k and DPR's top-k answer accuracy.
 
-Inputs: a run (qid -> [(docid, score)] best first), the judged queries (`data.Query`), and for
-answer accuracy the passages' texts. Outputs: a flat {metric: value} dict, averaged over the
-queries that have at least one relevant passage (a query missing from the run scores 0).
+Inputs: a run (qid -> [(docid, score)]), the evaluation split's queries (`data.Query`: graded
+judgements and, for QA data, answer strings), and for answer accuracy the passages' texts.
+Outputs: a flat {metric: value} dict per run.
 
-Definitions follow trec_eval/pytrec_eval as BEIR uses them: linear gain (DCG = sum rel_i /
-log2(i + 1)), the ideal DCG from the judged grades, relevance means grade > 0, and
-Recall@k = |relevant in top k| / |relevant|. Ranks come from the run's order.
+Scoring follows BEIR's `EvaluateRetrieval.evaluate`, with trec_eval (through pytrec_eval) as
+the reference that tests/test_evaluate.py checks every metric against:
+
+- Ranking: a query's hits are ranked by score descending, ties by document id descending
+  (trec_eval's order; the order of lines in the run file does not matter). A document listed
+  twice counts once, at its higher score.
+- Identical ids: with `ignore_identical_ids` (BEIR's default) a hit whose document id equals
+  the query id is dropped before ranking; it matters where queries are documents of the same
+  corpus (ArguAna, Quora).
+- Averaging: nDCG, MRR and Recall are averaged over the queries that have judgements (of any
+  grade, as a qrels file names them) and appear in the run. A judged query missing from the
+  run is left out of the average, not counted as 0; `missing_queries` lists such queries so
+  the caller can warn. A query that is in the run with no hits left scores 0.
+- Definitions: relevance means grade > 0; linear gain, DCG@k = sum over the top k of
+  grade_i / log2(i + 1) and the ideal DCG from the judged grades (trec_eval's `ndcg_cut`);
+  Recall@k = |relevant in top k| / |relevant| (`recall`); MRR@k = 1 / rank of the first relevant
+  passage within the top k, else 0 (trec_eval's `recip_rank` on the run cut to depth k).
+- Answer accuracy (DPR's top-k accuracy, QA data only): the share of questions with an answer
+  string in one of the top k passages of the same ranking. It is averaged over all questions
+  with answers, a question missing from the run counting as a miss, as DPR reports it.
 """
 
 from __future__ import annotations
@@ -46,6 +63,33 @@ def recall_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> f
     return len(rel.intersection(ranked[:k])) / len(rel) if rel else 0.0
 
 
+def rank(hits: Sequence[tuple[str, float]], qid: str | None = None) -> list[str]:
+    """Document ids in trec_eval's order: score descending, then document id descending.
+
+    With `qid`, a hit on the document of that id is dropped (BEIR's `ignore_identical_ids`).
+    A document listed twice counts once, at its higher score.
+
+    >>> rank([("d1", 1.0), ("d10", 1.0), ("x", 2.0), ("d2", 1.0), ("q", 5.0)], qid="q")
+    ['x', 'd2', 'd10', 'd1']
+    """
+    best: dict[str, float] = {}
+    for d, s in hits:
+        if d != qid and (d not in best or s > best[d]):
+            best[d] = s
+    # Python orders str by code point, which is UTF-8 byte order: the order of trec_eval's strcmp
+    return [d for d, _ in sorted(best.items(), key=lambda h: (h[1], h[0]), reverse=True)]
+
+
+def ranked_run(run: Run, ignore_identical_ids: bool = True) -> dict[str, list[str]]:
+    """qid -> document ids ranked as the metrics see them (see `rank`)."""
+    return {qid: rank(hits, qid if ignore_identical_ids else None) for qid, hits in run.items()}
+
+
+def missing_queries(run: Run, queries: Sequence[Query]) -> list[str]:
+    """Ids of judged queries that the run does not hold (left out of the averages)."""
+    return [q.id for q in queries if q.relevant and q.id not in run]
+
+
 def first_answer_rank(ranked: Sequence[str], answers: Sequence[str], text_of: Callable[[str], str],
                       match: str = "string") -> int | None:
     """Rank (0-based) of the first passage containing an answer, or None."""
@@ -56,38 +100,46 @@ def first_answer_rank(ranked: Sequence[str], answers: Sequence[str], text_of: Ca
 
 
 def evaluate_run(run: Run, queries: Sequence[Query], ks: Sequence[int] = DEFAULT_KS,
-                 text_of: Callable[[str], str] | None = None, match: str = "string") -> dict[str, float]:
-    """Average metrics of `run` over `queries`.
+                 text_of: Callable[[str], str] | None = None, match: str = "string",
+                 ignore_identical_ids: bool = True) -> dict[str, float]:
+    """Average metrics of `run` over `queries` (the rules are in the module docstring).
 
     nDCG@10 and MRR@10 always; Recall@k for each k; with `text_of` and answers, also DPR's
-    top-k accuracy ("accuracy@k": an answer string in one of the top k passages).
+    top-k accuracy ("accuracy@k"). "queries" is the number of queries the judged metrics
+    average over (those with judgements that are in the run), or without judgements the
+    number of questions with answers.
     """
-    judged = [q for q in queries if q.positives]
+    ranked = ranked_run(run, ignore_identical_ids)
+    has_judgements = [q for q in queries if q.relevant]
+    judged = [q for q in has_judgements if q.id in ranked]
     answered = [q for q in queries if q.answers]
-    depth = max(ks)
     out: dict[str, float] = {}
-    if judged:
-        ranked = {q.id: [d for d, _ in run.get(q.id, [])[:max(depth, 10)]] for q in judged}
+    if has_judgements:
         n = len(judged)
-        out["ndcg@10"] = sum(ndcg_at_k(ranked[q.id], q.relevant, 10) for q in judged) / n
-        out["mrr@10"] = sum(mrr_at_k(ranked[q.id], q.relevant, 10) for q in judged) / n
+
+        def mean(metric: Callable[[Sequence[str], Mapping[str, int], int], float], k: int) -> float:
+            return sum(metric(ranked[q.id], q.relevant, k) for q in judged) / n if n else 0.0
+
+        out["ndcg@10"] = mean(ndcg_at_k, 10)
+        out["mrr@10"] = mean(mrr_at_k, 10)
         for k in ks:
-            out[f"recall@{k}"] = sum(recall_at_k(ranked[q.id], q.relevant, k) for q in judged) / n
+            out[f"recall@{k}"] = mean(recall_at_k, k)
     if answered and text_of is not None:
-        firsts = [first_answer_rank([d for d, _ in run.get(q.id, [])[:depth]], q.answers, text_of, match)
-                  for q in answered]
+        depth = max(ks)
+        firsts = [first_answer_rank(ranked.get(q.id, [])[:depth], q.answers, text_of, match) for q in answered]
         for k in ks:
             out[f"accuracy@{k}"] = sum(1 for r in firsts if r is not None and r < k) / len(answered)
-    out["queries"] = len(judged) or len(answered)
+    out["queries"] = len(judged) if has_judgements else len(answered)
     return out
 
 
-def recall_curve(run: Run, queries: Sequence[Query], ks: Sequence[int]) -> list[float]:
-    """Recall@k for each k (for the recall@k plot)."""
-    judged = [q for q in queries if q.positives]
+def recall_curve(run: Run, queries: Sequence[Query], ks: Sequence[int],
+                 ignore_identical_ids: bool = True) -> list[float]:
+    """Recall@k for each k (for the recall@k plot), averaged as `evaluate_run` does."""
+    ranked = ranked_run(run, ignore_identical_ids)
+    judged = [q for q in queries if q.relevant and q.id in ranked]
     if not judged:
         return [0.0 for _ in ks]
-    ranked = {q.id: [d for d, _ in run.get(q.id, [])[:max(ks)]] for q in judged}
     return [sum(recall_at_k(ranked[q.id], q.relevant, k) for q in judged) / len(judged) for k in ks]
 
 
@@ -98,6 +150,7 @@ class EvaluateConfig:
     answer_match: str = "string"
     hybrid_weight: float = 1.0      # hybrid score = bm25 + weight * dense
     hybrid_normalize: bool = True   # min-max normalise each run per query before fusing
+    ignore_identical_ids: bool = True   # drop a hit whose document id is the query id (BEIR's default)
 
 
 def evaluate_runs(runs: Mapping[str, Run], queries: Sequence[Query], corpus: Sequence[Passage],
@@ -105,7 +158,8 @@ def evaluate_runs(runs: Mapping[str, Run], queries: Sequence[Query], corpus: Seq
     """Metrics per system and the recall@k curve {k: {system: recall}}."""
     texts = {p.id: p.text for p in corpus}
     metrics = {name: {k: round(v, 4) if isinstance(v, float) else v
-                      for k, v in evaluate_run(r, queries, cfg.ks, texts.__getitem__, cfg.answer_match).items()}
+                      for k, v in evaluate_run(r, queries, cfg.ks, texts.__getitem__, cfg.answer_match,
+                                               cfg.ignore_identical_ids).items()}
                for name, r in runs.items()}
-    curves = {name: recall_curve(r, queries, cfg.curve_ks) for name, r in runs.items()}
+    curves = {name: recall_curve(r, queries, cfg.curve_ks, cfg.ignore_identical_ids) for name, r in runs.items()}
     return metrics, {k: {name: curves[name][i] for name in runs} for i, k in enumerate(cfg.curve_ks)}
