@@ -8,7 +8,9 @@ another copy of one of its own positives is masked out rather than counted as a 
 
 Sampling for epoch e is drawn from a generator seeded by (seed, e), and the training state
 (weights, optimiser, schedule, RNG, position) is saved every `checkpoint_every` steps, so a
-killed run resumed with `resume` reaches the same weights as an uninterrupted one.
+killed run resumed with `resume` reaches the same weights as an uninterrupted one. The state
+lives in a scratch folder keyed by the run's fingerprint (config and training data), outside
+the checkpoint, and is removed once the run has finished: the checkpoint alone is the result.
 
 Under torchrun (see `distributed`) N processes train like one process with batch N * batch_size:
 every rank draws the same global batches, encodes its contiguous slice of each, and all-gathers
@@ -251,18 +253,31 @@ def _fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_si
     return h.hexdigest()[:16]
 
 
-def _rng_states() -> list[torch.Tensor]:
-    """Every rank's torch RNG state (a collective: all ranks call it at the same step)."""
-    return dist_.all_gather_object(torch.get_rng_state())
+def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's torch RNG states: the CPU generator's, and its CUDA device's (None without CUDA)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _rng_states() -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every rank's RNG states (a collective: all ranks call it at the same step)."""
+    return dist_.all_gather_object(_rng_state())
+
+
+def _set_rng_state(cpu: torch.Tensor, cuda: torch.Tensor | None) -> None:
+    torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_available():   # dropout on a GPU draws from the device's generator
+        torch.cuda.set_rng_state(cuda)
 
 
 def _save_state(state_dir: Path, model: DualEncoder, opt, sched, epoch: int, step_in_epoch: int,
                 global_step: int, history: list, best: float | None, fingerprint: str,
-                epoch_losses: Sequence[float] = (), rng_states: Sequence[torch.Tensor] | None = None) -> None:
-    rng_states = rng_states or [torch.get_rng_state()]
-    trainer = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": rng_states[0]}
-    if len(rng_states) > 1:
-        trainer["torch_rng_ranks"] = list(rng_states)
+                epoch_losses: Sequence[float] = (),
+                rng_states: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
+    rng_states = rng_states or [_rng_state()]
+    trainer = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+               "torch_rng_ranks": [cpu for cpu, _ in rng_states]}
+    if all(cuda is not None for _, cuda in rng_states):
+        trainer["cuda_rng_ranks"] = [cuda for _, cuda in rng_states]
     with atomic_dir(state_dir / "last") as tmp:
         model.save(tmp / "model")
         torch.save(trainer, tmp / "trainer.pt")
@@ -289,7 +304,8 @@ def _read_state(state_dir: Path, fingerprint: str, rank: int, world: int) -> tup
         raise DataError(state_dir / "best", None, "no checksums.sha256 (the best model so far)")
     resumed, _ = DualEncoder.load(str(last / "model"))
     trainer = torch.load(last / "trainer.pt", weights_only=True)  # never runs a pickle's code
-    trainer["torch_rng"] = trainer["torch_rng_ranks"][rank] if world > 1 else trainer["torch_rng"]
+    cuda = trainer.get("cuda_rng_ranks")
+    trainer["rng"] = (trainer["torch_rng_ranks"][rank if world > 1 else 0], cuda[rank if world > 1 else 0] if cuda else None)
     missing = [k for k in ("epoch", "step_in_epoch", "global_step", "history", "best") if k not in prog]
     if missing:
         raise DataError(last / "progress.json", None, f"lacks {', '.join(missing)}")
@@ -309,9 +325,11 @@ def _validate_and_keep(model: DualEncoder, data: TrainData, cfg: TrainConfig, pi
     val = validate(model, data, cfg, pid_index)
     record = {"epoch": epoch, "loss": loss, "questions_per_s": seen / seconds if seconds else None,
               "seconds": seconds, **{f"val_{k}": v for k, v in val.items()}}
+    keep = not val or _better(cfg.validation, val[cfg.validation], best)
+    record["kept"] = keep   # the checkpoint is the last epoch kept (epoch 0: the starting model)
     history.append(record)
     print(json.dumps(record))
-    if not val or _better(cfg.validation, val[cfg.validation], best):
+    if keep:
         best = val.get(cfg.validation)
         with atomic_dir(state_dir / "best") as tmp:
             model.save(tmp, {"train": asdict(cfg), "epoch": epoch, "validation": val})
@@ -356,16 +374,25 @@ def step_gradients(model: DualEncoder, towers: nn.Module | None, group: Sequence
     return step_loss
 
 
-def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | Path, state_dir: str | Path,
+def state_folder(state_root: str | Path, model: DualEncoder, data: TrainData, cfg: TrainConfig) -> Path:
+    """Where `train` keeps the resumable state of this run: `state_root/<fingerprint>`."""
+    return Path(state_root) / _fingerprint(cfg, model, data, dist_.world_size())
+
+
+def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | Path, state_root: str | Path,
           progress: bool = True) -> list[dict]:
     """Train, keep the best epoch by validation in `out_dir`; returns the per-epoch history.
 
-    `state_dir` holds the resumable state (`last/`) and the best model so far (`best/`). Under
-    torchrun (an initialised process group, see `distributed`) every rank calls this with the same
-    arguments and `cfg.batch_size` questions per rank; rank 0 writes `out_dir` and `state_dir`
-    (a folder all ranks can read, for resume), and every rank returns rank 0's history.
+    The resumable state lives in `state_folder(state_root, ...)`, one folder per fingerprint of
+    the config and training data: `last/` (weights, optimiser, schedule, RNG, position) and `best/`
+    (the best model so far). It is a scratch folder, not an output: a finished run removes it, so
+    the checkpoint alone is the result (and DVC can cache the stage). Under torchrun (an
+    initialised process group, see `distributed`) every rank calls this with the same arguments and
+    `cfg.batch_size` questions per rank; rank 0 writes `out_dir` and the state (a folder all ranks
+    can read, for resume), and every rank returns rank 0's history; `history[i]["kept"]` marks the
+    epochs whose model was kept, the last of them being the one in `out_dir`.
     """
-    out_dir, state_dir = Path(out_dir), Path(state_dir)
+    out_dir = Path(out_dir)
     world, rank = dist_.world_size(), dist_.rank()
     main = rank == 0
 
@@ -399,6 +426,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     opt, sched = make_optimizer()
 
     fingerprint = _fingerprint(cfg, model, data, world)
+    state_dir = Path(state_root) / fingerprint
     start_epoch, skip, global_step, history, best = 0, 0, 0, [], None
     epoch_losses: list[float] = []
     last = state_dir / "last"
@@ -411,7 +439,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
                 model.load_state_dict(resumed.state_dict())
                 opt.load_state_dict(trainer["optimizer"])
                 sched.load_state_dict(trainer["scheduler"])
-                torch.set_rng_state(trainer["torch_rng"])
+                _set_rng_state(*trainer["rng"])
         # a damaged state costs the time it would have saved, never the run (the model, optimiser
         # and schedule are rebuilt below, so a half-loaded state leaves nothing behind)
         except Exception as e:  # json, safetensors, torch and checksums each raise their own
@@ -485,4 +513,6 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
         with atomic_dir(out_dir) as tmp:
             shutil.copytree(state_dir / "best", tmp, dirs_exist_ok=True)
     dist_.barrier()
+    if main:   # after the barrier: no rank reads the state any more
+        shutil.rmtree(state_dir, ignore_errors=True)
     return dist_.broadcast_object(history)

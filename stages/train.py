@@ -1,8 +1,9 @@
 """train: fine-tune the dual encoder with in-batch and BM25 hard negatives.
 
-Outputs: the best checkpoint (a Hugging Face folder, --out), the resumable training state
-(--state, kept between runs so `train.resume` can continue a killed run), and the per-epoch
-history as a metrics JSON and a plot CSV.
+Outputs: the best checkpoint (a Hugging Face folder, --out), the training record of the kept
+epoch as a metrics JSON and the per-epoch history as a plot CSV. --state names a scratch folder,
+not a DVC output: a killed run leaves its resumable state there (one subfolder per config and
+data fingerprint) for `train.resume` to continue from; a finished run removes its own.
 
 With `train.nproc` > 1 the script starts itself again under torchrun, one process per GPU (or
 per CPU process group with gloo), on this node; each trains on `train.batch_size` questions of
@@ -13,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import load_params, parser, run
+from stage_cli import load_params, parser, run
 
 from dprpipe import distributed
 from dprpipe.records import read_corpus, read_queries
@@ -53,7 +54,7 @@ def main() -> None:
     p.add_argument("--dev", required=True)
     p.add_argument("--negatives", required=True, help="folder of mined negatives (<split>.jsonl)")
     p.add_argument("--out", required=True, help="best checkpoint folder")
-    p.add_argument("--state", required=True, help="resumable training state folder")
+    p.add_argument("--state", required=True, help="scratch folder for resumable training states")
     p.add_argument("--metrics", required=True, help="training metrics JSON")
     p.add_argument("--plot", required=True, help="per-epoch validation CSV")
     args = p.parse_args()
@@ -82,11 +83,14 @@ def _train(args, enc: EncoderConfig, cfg: TrainConfig) -> list[dict]:
 
 
 def _write_reports(args, history: list[dict]) -> None:
-    last = history[-1] if history else {}
-    # epoch 0 is the validation of the starting model, not a trained epoch
+    kept = [h for h in history if h.get("kept")]
+    best = kept[-1] if kept else {}
+    # epoch 0 is the validation of the starting model, not a trained epoch; the figures are the
+    # kept epoch's, the one whose model is the checkpoint
     write_json(args.metrics, {"epochs": max((h["epoch"] for h in history), default=0),
+                              "kept_epoch": best.get("epoch"),
                               "train_seconds": round(sum(h["seconds"] for h in history), 1),
-                              **{k: round(v, 4) for k, v in last.items() if k.startswith("val_")}})
+                              **{k: round(v, 4) for k, v in best.items() if k.startswith("val_")}})
     with atomic_write(args.plot) as f:
         f.write("epoch,loss,val_ndcg@10,val_avg_rank\n")
         for h in history:

@@ -41,7 +41,7 @@ STAGES = {
              ["data/prepared"], ["data/negatives", "data/runs/bm25.tsv"]),
     "train": (["train.py", "--corpus", "data/prepared/corpus.jsonl", "--train", "data/prepared/train.jsonl",
                "--dev", "data/prepared/dev.jsonl", "--negatives", "data/negatives", "--out", "models/dpr",
-               "--state", "models/dpr-state", "--metrics", "metrics/train.json", "--plot", "plots/train.csv"],
+               "--state", ".cache/train", "--metrics", "metrics/train.json", "--plot", "plots/train.csv"],
               ["data/prepared", "data/negatives"], ["models/dpr", "metrics/train.json",
                                                                     "plots/train.csv"]),
     "encode": (["encode.py", "--model", "models/dpr", "--corpus", "data/prepared/corpus.jsonl",
@@ -275,8 +275,8 @@ def test_train_killed_mid_step_resumes_to_the_same_model(reference, tmp_path):
         assert got_m == want_m and "val_ndcg@10" in got_m
 
     def resumable_state(ws):
-        progress = ws / "models" / "dpr-state" / "last" / "progress.json"
-        return progress.is_file() and json.loads(progress.read_text())["global_step"] == 4
+        progress = list(ws.glob(".cache/train/*/last/progress.json"))
+        return len(progress) == 1 and json.loads(progress[0].read_text())["global_step"] == 4
 
     ws = kill_then_rerun(reference, tmp_path, "train", "step:5", compare, resumable_state)
     assert "epoch 2, step 1 of 3" in log_tail(ws, "train")   # it resumed, rather than starting over
@@ -502,7 +502,7 @@ def test_checksums_catch_a_flipped_vector(index_folder, tmp_path):
         Searcher.load(folder)
 
 
-def test_a_pickle_planted_in_the_training_state_never_runs(tmp_path, capsys):
+def test_a_pickle_planted_in_the_training_state_never_runs(tmp_path, capsys, monkeypatch):
     # resume reads trainer.pt (optimizer state) with torch.load(weights_only=True): a planted
     # pickle is refused, not executed, even when the checksums were forged to match; the state
     # is then ignored and training starts over
@@ -510,22 +510,31 @@ def test_a_pickle_planted_in_the_training_state_never_runs(tmp_path, capsys):
 
     from dense_fixtures import tiny_encoder, toy_corpus, toy_negatives, toy_queries
 
+    import dprpipe.train as train_mod
     from dprpipe.io import write_checksums
-    from dprpipe.train import TrainConfig, TrainData, train
+    from dprpipe.train import TrainConfig, TrainData, state_folder, train
 
     cfg = TrainConfig(epochs=1, batch_size=8, hard_negatives=1, negative_pool=3, val_negatives=2, seed=1)
     train_q, dev_q = toy_queries()
     data = TrainData(toy_corpus(), train_q, dev_q, toy_negatives())
-    train(tiny_encoder(), data, cfg, tmp_path / "out", tmp_path / "state", progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "batch_loss", interrupted)   # killed in its first step: a state is left
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_encoder(), data, cfg, tmp_path / "out", tmp_path / "state", progress=False)
+    monkeypatch.undo()
+    state = state_folder(tmp_path / "state", tiny_encoder(), data, cfg)
     marker = tmp_path / "pwned"
 
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    with open(tmp_path / "state" / "last" / "trainer.pt", "wb") as f:
+    with open(state / "last" / "trainer.pt", "wb") as f:
         pickle.dump({"optimizer": Payload()}, f, protocol=2)
-    write_checksums(tmp_path / "state" / "last")   # a planted file with matching checksums
+    write_checksums(state / "last")   # a planted file with matching checksums
     history = train(tiny_encoder(), data, cfg, tmp_path / "out2", tmp_path / "state", progress=False)
     out = capsys.readouterr().out
     assert "ignoring" in out and ("weights_only" in out or "Unpickl" in out), out

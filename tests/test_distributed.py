@@ -99,8 +99,25 @@ def _rank_main(rank: int, port: int, root: str) -> None:
             model = _model(encoder)
             history = train(model, _data(n_train), cfg, folder / "out", folder / "state", progress=False)
             torch.save({"history": history, "weights": model.state_dict()}, folder / f"rank{rank}.pt")
+        _interrupted_run(Path(root) / "uneven-killed", *SCENARIOS["uneven"])
     finally:
         distributed.shutdown()
+
+
+def _interrupted_run(folder: Path, cfg: TrainConfig, encoder: dict, n_train: int) -> None:
+    """Every rank's run stopped in its first step, leaving the resumable state saved before it."""
+    import dprpipe.train as train_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real, train_mod.distributed_batch_loss = train_mod.distributed_batch_loss, interrupted
+    try:
+        train(_model(encoder), _data(n_train), cfg, folder / "out", folder / "state", progress=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        train_mod.distributed_batch_loss = real
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +210,12 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_runs, tmp_pat
 @pytest.mark.slow  # shares the 2-process run (~10 s)
 def test_ddp_state_resumes_only_at_the_same_world_size(ddp_runs):
     cfg, encoder, n_train = SCENARIOS["uneven"]
-    state = torch.load(ddp_runs / "uneven" / "state" / "last" / "trainer.pt", weights_only=True)
-    assert len(state["torch_rng_ranks"]) == WORLD  # each rank's RNG, for an exact resume
+    assert list((ddp_runs / "uneven" / "state").iterdir()) == []   # a finished run leaves no state
     fp = _fingerprint(cfg, _model(encoder), _data(n_train), WORLD)
-    progress = json.loads((ddp_runs / "uneven" / "state" / "last" / "progress.json").read_text())
+    last = ddp_runs / "uneven-killed" / "state" / fp / "last"   # the interrupted run's, in its fingerprint's folder
+    state = torch.load(last / "trainer.pt", weights_only=True)
+    assert len(state["torch_rng_ranks"]) == WORLD  # each rank's RNG, for an exact resume
+    progress = json.loads((last / "progress.json").read_text())
     assert progress["fingerprint"] == fp
     assert _fingerprint(cfg, _model(encoder), _data(n_train), 1) != fp
 

@@ -158,6 +158,7 @@ def write_tiny_encoder(folder: Path) -> None:
 
 
 RUNNING = re.compile(r"^Running stage '([^']+)'", re.M)
+CACHED = re.compile(r"^Stage '([^']+)' is cached - skipping run", re.M)
 
 
 def repro(repo: Path) -> tuple[set[str], str]:
@@ -241,6 +242,16 @@ def test_dvc_repro_end_to_end(tiny_repos):
     new_metrics = json.loads((repo / "metrics" / "retrieval.json").read_text())
     assert 0.0 <= new_metrics["bm25"]["ndcg@10"] <= 1.0
     assert "k1: 1.2" in (repo / "dvc.lock").read_text()
+    assert "train" in ran, out[-4000:]   # the mined negatives changed
+
+    # 4. back to the first params: every stage that ran comes back from DVC's run cache, train
+    # included (its resumable state is scratch, not an output), and the lock is the first one
+    edit_params(repo, {"mine.k1": 0.9})
+    rerun, out = repro(repo)
+    assert rerun == set(), out[-4000:]
+    assert set(CACHED.findall(out)) == ran, out[-4000:]
+    assert (repo / "dvc.lock").read_text() == lock
+    assert list((repo / ".cache" / "train").iterdir()) == []   # finished runs leave no state
 
 
 # Loaded by every Python process of a `dvc repro` (via PYTHONPATH): the one stage process whose
@@ -322,12 +333,13 @@ def test_dvc_repro_killed_twice_then_completes_like_an_uninterrupted_run(tiny_re
     out = killed_repro(repo, "--out models/dpr", "step:3")
     assert "Running stage 'train'" in out, out[-4000:]
     assert not (repo / "models" / "dpr").exists() and not (repo / "metrics" / "train.json").exists()
-    progress = json.loads((repo / "models" / "dpr-state" / "last" / "progress.json").read_text())
+    (state,) = repo.glob(".cache/train/*/last/progress.json")
+    progress = json.loads(state.read_text())
     assert (progress["epoch"], progress["step_in_epoch"]) == (0, 2)
 
     # 2. killed while the fine-tuned encoder's embeddings are written (before its 2nd rename)
     out = killed_repro(repo, "--out data/embeddings/dpr", "replace:2")
-    assert "resuming from models/dpr-state/last: epoch 1, step 2 of 3" in out, out[-4000:]
+    assert f"resuming from {state.parent.relative_to(repo)}: epoch 1, step 2 of 3" in out, out[-4000:]
     assert "Stage 'prepare' didn't change, skipping" in out and "Stage 'mine' didn't change, skipping" in out
     assert (repo / "models" / "dpr" / "model.safetensors").is_file()
     assert not (repo / "data" / "embeddings" / "dpr").exists()
@@ -336,13 +348,13 @@ def test_dvc_repro_killed_twice_then_completes_like_an_uninterrupted_run(tiny_re
     ran, out = repro(repo)
     assert "train" not in ran and {"encode", "index", "evaluate"} <= ran, out[-4000:]
     timed = {"metrics/train.json", "plots/train.csv"}
-    # the resumable state's progress.json records wall times too; the model it ends in is compared
-    untimed = timed | {"models/dpr-state"}
+    untimed = timed
     got, want = _lock_outs((repo / "dvc.lock").read_text()), _lock_outs(ref["dvc.lock"])
     assert got.keys() == want.keys()
     assert "models/dpr" in got
     assert {k: v for k, v in got.items() if k not in untimed} == {k: v for k, v in want.items() if k not in untimed}
     assert (repo / "metrics" / "retrieval.json").read_text() == ref["metrics/retrieval.json"]
+    assert list((repo / ".cache" / "train").iterdir()) == []
     for name in timed:
         assert _untimed(name, (repo / name).read_text()) == _untimed(name, ref[name]), name
     leftovers = [p for p in repo.rglob("*.tmp") if ".dvc" not in p.parts and ".git" not in p.parts]

@@ -6,6 +6,7 @@ import json
 import shutil
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,13 +186,22 @@ def test_training_lowers_the_loss_and_validates(run_a):
         assert 0.0 <= h["val_ndcg@10"] <= 1.0 and h["val_avg_rank"] >= 0
     assert history[-1]["val_ndcg@10"] > history[0]["val_ndcg@10"]
 
-    # out_dir is the best epoch by validation, with its config and scores
+    # out_dir is the best epoch by validation, with its config and scores; the history marks it
     meta = json.loads((root / "out" / "dpr_config.json").read_text())
     scores = [h["val_ndcg@10"] for h in history]
     assert meta["epoch"] == scores.index(max(scores))
+    assert [h["epoch"] for h in history if h["kept"]][-1] == meta["epoch"]
     assert meta["validation"]["ndcg@10"] == pytest.approx(max(scores))
     assert meta["train"]["lr"] == CFG.lr and meta["encoder"]["normalize"] is True
     assert (root / "out" / "model.safetensors").is_file()
+    # the resumable state is scratch: a finished run leaves none behind
+    assert list((root / "state").iterdir()) == []
+
+
+def _only_state(root: Path) -> Path:
+    """The one resumable state under a state root (a folder named by the run's fingerprint)."""
+    (folder,) = list(root.iterdir())
+    return folder
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monkeypatch, capsys):
@@ -211,7 +221,8 @@ def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         train(tiny_encoder(seed=0, **ENCODER), _data(), CFG, out, state, progress=False)
     monkeypatch.undo()
-    prog = json.loads((state / "last" / "progress.json").read_text())
+    assert _only_state(state) == train_mod.state_folder(state, tiny_encoder(seed=0, **ENCODER), _data(), CFG)
+    prog = json.loads((_only_state(state) / "last" / "progress.json").read_text())
     assert (prog["epoch"], prog["step_in_epoch"], prog["global_step"]) == (0, 3, 3)
     assert not out.exists()
 
@@ -227,10 +238,11 @@ def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monke
     weights_b, meta_b = _weights(out)
     _assert_same_weights(weights_b, weights_a)
     assert meta_b == meta_a
+    assert list(state.iterdir()) == []
 
 
-def _interrupted_state(tmp_path, monkeypatch) -> "Path":
-    """The state of a run killed during the 4th step of epoch 1 (saved after step 3)."""
+def _interrupted_state(tmp_path, monkeypatch) -> Path:
+    """The state folder of a run killed during the 4th step of epoch 1 (saved after step 3)."""
     real_batch_loss, calls = train_mod.batch_loss, []
 
     def dying_batch_loss(*args, **kwargs):
@@ -244,7 +256,7 @@ def _interrupted_state(tmp_path, monkeypatch) -> "Path":
         train(tiny_encoder(seed=0, **ENCODER), _data(), CFG, tmp_path / "killed_out", tmp_path / "state",
               progress=False)
     monkeypatch.undo()
-    return tmp_path / "state"
+    return _only_state(tmp_path / "state")
 
 
 def _flip_byte(path, offset):
@@ -273,7 +285,7 @@ def test_damaged_state_starts_over_and_matches_a_fresh_run(run_a, tmp_path, monk
     DAMAGES[damage](state)
     capsys.readouterr()
     model = tiny_encoder(seed=0, **ENCODER)
-    history = train(model, _data(), CFG, tmp_path / "out", state, progress=False)
+    history = train(model, _data(), CFG, tmp_path / "out", state.parent, progress=False)
     out = capsys.readouterr().out
     assert "ignoring" in out and "damaged" in out and "training starts over" in out, out
     assert "resuming" not in out
@@ -288,24 +300,27 @@ def test_saved_state_is_checksummed(tmp_path, monkeypatch):
     assert {"trainer.pt", "progress.json", "model/model.safetensors"} <= listed
 
 
-def test_state_of_a_different_config_is_ignored(run_a, tmp_path, capsys):
-    root_a, history_a, _ = run_a
+def test_state_of_a_different_config_is_left_alone(run_a, tmp_path, monkeypatch, capsys):
+    root_a, history_a, final_a = run_a
     other = replace(CFG, epochs=1, lr=1e-3)
     # fresh reference for the other config
     fresh = train(tiny_encoder(seed=0, **ENCODER), _data(), other, tmp_path / "fresh_out", tmp_path / "fresh_state",
                   progress=False)
-    # the same config started over run A's (finished) state
-    shutil.copytree(root_a / "state", tmp_path / "state")
+    # the other config, run where CFG's interrupted state waits: it starts fresh beside it
+    killed = _interrupted_state(tmp_path, monkeypatch)
     capsys.readouterr()
     history = train(tiny_encoder(seed=0, **ENCODER), _data(), other, tmp_path / "out", tmp_path / "state",
                     progress=False)
-    assert "ignoring" in capsys.readouterr().out
+    assert "resuming" not in capsys.readouterr().out
     assert [h["epoch"] for h in history] == [0, 1]
     assert _comparable(history) == _comparable(fresh)
-    assert _comparable(history) != _comparable(history_a)[:2]
     _assert_same_weights(_weights(tmp_path / "out")[0], _weights(tmp_path / "fresh_out")[0])
-    progress = json.loads((tmp_path / "state" / "last" / "progress.json").read_text())
-    assert progress["epoch"] == 1 and progress["global_step"] == STEPS_PER_EPOCH
+    # and CFG's state is still there to resume from, to the uninterrupted run's weights
+    assert list((tmp_path / "state").iterdir()) == [killed]
+    model = tiny_encoder(seed=0, **ENCODER)
+    train(model, _data(), CFG, tmp_path / "out_a", tmp_path / "state", progress=False)
+    assert "resuming" in capsys.readouterr().out
+    _assert_same_weights(model.state_dict(), final_a)
 
 
 def test_resume_fingerprint_counts_the_world_size_not_the_nproc_setting():
