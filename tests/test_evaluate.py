@@ -344,7 +344,7 @@ def committed_runs():
     split = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["eval_split"]
     queries = ROOT / "data" / "prepared" / f"{split}.jsonl"
     runs = sorted((ROOT / "data" / "runs").glob("*.tsv"))
-    return [(run, queries) for run in runs] if queries.exists() else []
+    return [pytest.param(run, queries, id=run.name) for run in runs] if queries.exists() else []
 
 
 @pytest.mark.parametrize("run_path,queries_path", committed_runs() or
