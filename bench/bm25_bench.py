@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from common import section_config, timed, traced_peak
+from measure import section_config, timed, traced_peak
 
 K = 100
 

@@ -20,7 +20,7 @@ import random
 
 import numpy as np
 import torch
-from common import params_section, section_config, timed
+from measure import params_section, section_config, timed
 
 
 def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -16,7 +16,7 @@ import math
 from dataclasses import replace
 
 import numpy as np
-from common import ROOT, native_stderr_silenced, section_config, timed
+from measure import ROOT, native_stderr_silenced, section_config, timed
 
 K = 10
 WIKI = 21_000_000

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DEFAULT_DATA, ROOT, busy_processes, fmt, load_average, machine, table  # noqa: E402
+from measure import DEFAULT_DATA, ROOT, busy_processes, fmt, load_average, machine, table  # noqa: E402
 
 SECTIONS = ("bm25", "encode", "train", "index", "scaling")
 

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import child, native_stderr_silenced, params_section, section_config, timed
+from measure import child, native_stderr_silenced, params_section, section_config, timed
 
 SCALES = (1, 4, 16)
 
@@ -32,7 +32,7 @@ def encode_child(n: int, words: int, block_size: int, batch_size: int, repeats: 
     `distinct`: the first n corpus passages; else the first `block_size` ones over and over
     (every block then has the same shapes, so only n changes between scales).
     """
-    from common import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     from dprpipe.prepare import read_dataset
     from dprpipe.records import Passage

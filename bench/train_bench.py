@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 
 import torch
-from common import section_config
+from measure import section_config
 
 
 def _steps(precision: str, data, cfg, enc_cfg, n_steps: int) -> dict:

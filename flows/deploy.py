@@ -35,7 +35,7 @@ os.environ.setdefault("PREFECT_RUNNER_SERVER_HOST", LOCAL_HOST)
 from prefect import serve  # noqa: E402
 from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
 
-from flows.common import resolve_workspace  # noqa: E402
+from flows.stage_runner import resolve_workspace  # noqa: E402
 from flows.encoding import encoding  # noqa: E402
 from flows.evaluation import evaluation  # noqa: E402
 from flows.mining import mining  # noqa: E402

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import ENCODING, flow_doc, run_stages
+from flows.stage_runner import ENCODING, flow_doc, run_stages
 
 
 @flow(name="encoding")

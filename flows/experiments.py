@@ -51,8 +51,8 @@ if __package__ in (None, ""):   # run as a script: make the project's packages i
 
 from dprpipe.claims import (SEED_KEY, VARIANTS, ExperimentSet, Record, record_from_outputs, run_name,  # noqa: E402
                             to_json)
-from flows.common import (ENCODING, EVALUATION, MINING, TRAINING, StageError, _dvc_env, _flatten,  # noqa: E402
-                          dvc_repro, hydra_value, resolve_workspace, skipped, workspace_lock)
+from flows.stage_runner import (ENCODING, EVALUATION, MINING, TRAINING, StageError, _dvc_env, _flatten,  # noqa: E402
+                                dvc_repro, hydra_value, resolve_workspace, skipped, workspace_lock)
 
 PIPELINE = [*MINING, *TRAINING, *ENCODING, *EVALUATION]   # what an experiment runs (not the report)
 REPORT_STAGE = "report"

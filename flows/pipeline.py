@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import (build_overrides, flow_doc, publish, read_metrics, resolve_workspace, skipped, summary,
-                          workspace_lock)
+from flows.stage_runner import (build_overrides, flow_doc, publish, read_metrics, resolve_workspace, skipped, summary,
+                                workspace_lock)
 from flows.encoding import encoding
 from flows.evaluation import evaluation
 from flows.mining import mining

@@ -12,7 +12,7 @@ into the same files. The queries are always encoded here.
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import load_params, parser, run
+from stage_cli import load_params, parser, run
 
 from dprpipe.encode import encode_passages_to, encode_texts, save_embeddings
 from dprpipe.io import atomic_dir

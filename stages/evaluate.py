@@ -4,7 +4,7 @@ Outputs: a metrics JSON {system: {metric: value}} and a recall@k curve CSV (k, o
 per system) for `dvc plots`.
 """
 
-from common import load_params, parser, run
+from stage_cli import load_params, parser, run
 
 from dprpipe.records import read_corpus, read_queries
 from dprpipe.evaluate import EvaluateConfig, evaluate_runs

@@ -5,7 +5,7 @@ Outputs: the index folder (index.faiss, ids.txt, index.json) and the dense run T
 
 import time
 
-from common import load_params, parser, run
+from stage_cli import load_params, parser, run
 
 from dprpipe.encode import load_embeddings
 from dprpipe.index import IndexConfig, Searcher, build_index, save_index

@@ -7,7 +7,7 @@ Outputs: <negatives>/<split>.jsonl ({"id", "negatives": [[docid, score], ...]}) 
 import time
 from pathlib import Path
 
-from common import load_params, parser, run
+from stage_cli import load_params, parser, run
 
 from dprpipe.io import atomic_dir, write_jsonl, write_run
 from dprpipe.mine import MineConfig, Miner

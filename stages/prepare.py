@@ -6,7 +6,7 @@ to "error" (prepare.on_*) stops the stage with one line naming the file and line
 nothing is written; one set to "warn" prints a warning line and goes on.
 """
 
-from common import load_params, parser, run
+from stage_cli import load_params, parser, run
 
 from dprpipe.io import atomic_dir, write_json
 from dprpipe.prepare import PrepareConfig, prepare

@@ -5,7 +5,7 @@ Inputs: reports/experiments.json (written by `python -m flows.experiments`) and 
 score per epoch), committed in git (`cache: false` in dvc.yaml).
 """
 
-from common import load_params, parser, run
+from stage_cli import load_params, parser, run
 
 from dprpipe.claims import ReportConfig, read_experiments
 from dprpipe.io import atomic_write

@@ -150,7 +150,7 @@ def _load(tmp_path, text):
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "stages"))
-    from common import load_params
+    from stage_cli import load_params
 
     path = tmp_path / "params.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -194,7 +194,7 @@ def test_missing_params_file(tmp_path):
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "stages"))
-    from common import load_params
+    from stage_cli import load_params
 
     with pytest.raises(SystemExit, match=r"^error: .*nowhere.yaml: cannot read the params file"):
         load_params(tmp_path / "nowhere.yaml", "prepare", PrepareConfig)

@@ -25,8 +25,8 @@ import pytest
 import yaml
 from flow_fixtures import ROOT, commit, flow_env, run, set_params, tiny_workspace  # noqa: F401
 
-from flows.common import (ENCODING, EVALUATION, LOCK_FILE, MINING, TRAINING, build_overrides, hydra_value,
-                          stage_command, summary)
+from flows.stage_runner import (ENCODING, EVALUATION, LOCK_FILE, MINING, TRAINING, build_overrides, hydra_value,
+                                stage_command, summary)
 
 ALL_STAGES = [*MINING, *TRAINING, *ENCODING, *EVALUATION]
 
@@ -103,7 +103,7 @@ def test_overrides_from_flow_parameters(tmp_path):
     with pytest.raises(ValueError, match="not key=value"):
         build_overrides(ws, overrides=["train.epochs"])
     with pytest.raises(ValueError, match="no dvc.yaml"):
-        from flows.common import resolve_workspace
+        from flows.stage_runner import resolve_workspace
         resolve_workspace(ws)
     assert hydra_value(None) == "null" and hydra_value(False) == "false" and hydra_value(0.5) == "0.5"
     assert stage_command(["prepare", "mine"], []) == ["repro", "prepare", "mine"]

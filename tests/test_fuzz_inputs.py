@@ -5,7 +5,7 @@ damaged: truncated, cut into invalid UTF-8, given wrongly typed or missing field
 ids, lone surrogates, huge numbers, deep nesting, NUL bytes, huge lines, garbage. The
 prepare stage runs in this process on the result and must either succeed (where the damage
 leaves valid data) or stop with exactly one `error: <file>:<line>: <problem>` line for the
-damaged line, having written nothing. params.yaml (through stages/common.py load_params) and
+damaged line, having written nothing. params.yaml (through stages/stage_cli.py load_params) and
 the prepared layout the later stages read get the same treatment.
 
 `CASES` counts the examples tried per reader; `test_zz_cases_tried` prints the totals (run
@@ -36,7 +36,7 @@ from dprpipe.records import read_corpus, read_queries
 ROOT = Path(__file__).resolve().parents[1]
 PREPARE = str(ROOT / "stages" / "prepare.py")
 sys.path.insert(0, str(ROOT / "stages"))
-from common import load_params  # noqa: E402  (the stages' own params reader)
+from stage_cli import load_params  # noqa: E402  (the stages' own params reader)
 
 CASES: Counter = Counter()
 MAX_LINE = 8192          # dprpipe.io.MAX_LINE during these tests, so "huge" lines stay cheap

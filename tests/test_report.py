@@ -228,14 +228,14 @@ def test_parse_exp_show_and_matching():
 
 def test_locked_code_reads_the_pipeline_stages_only():
     lock = {"schema": "2.0", "stages": {
-        "train": {"deps": [{"path": "stages/common.py", "hash": "md5", "md5": "aa"},
+        "train": {"deps": [{"path": "stages/stage_cli.py", "hash": "md5", "md5": "aa"},
                            {"path": "data/prepared", "hash": "md5", "md5": "dd.dir"}]},
-        "evaluate": {"deps": [{"path": "stages/common.py", "hash": "md5", "md5": "aa"}]},
-        "report": {"deps": [{"path": "stages/common.py", "hash": "md5", "md5": "old"}]}}}
+        "evaluate": {"deps": [{"path": "stages/stage_cli.py", "hash": "md5", "md5": "aa"}]},
+        "report": {"deps": [{"path": "stages/stage_cli.py", "hash": "md5", "md5": "old"}]}}}
     locked = locked_code(yaml.safe_dump(lock))
-    assert locked == {"stages/common.py": {"aa"}, "data/prepared": {"dd.dir"}}
-    assert same_code(locked, {"stages/common.py": "aa"})
-    assert not same_code(locked, {"stages/common.py": "bb"})
+    assert locked == {"stages/stage_cli.py": {"aa"}, "data/prepared": {"dd.dir"}}
+    assert same_code(locked, {"stages/stage_cli.py": "aa"})
+    assert not same_code(locked, {"stages/stage_cli.py": "bb"})
     assert not same_code(locked, {"stages/new.py": "cc"})     # a dependency the run did not have
 
 

@@ -1,4 +1,4 @@
-"""Shared plumbing of the stage scripts: read one params.yaml section into a typed config.
+"""The command line every stage script shares: `--params`, its section read into a typed config, errors as one line.
 
 A bad params file stops the stage with one line, `error: <file>:<line>: <problem>`, pointing
 at the offending key where there is one: YAML syntax, encoding, duplicate keys, unknown keys
