@@ -1,13 +1,17 @@
 """evaluate: score retrieval runs against the evaluation split's judgements and answers.
 
 Outputs: a metrics JSON {system: {metric: value}} and a recall@k curve CSV (k, one column
-per system) for `dvc plots`.
+per system) for `dvc plots`. Scoring rules (trec_eval's tie order, BEIR's identical-id rule
+and averaging) are in dprpipe/evaluate.py; a judged query missing from a run is left out of
+that run's averages, with a warning on stderr.
 """
+
+import sys
 
 from stage_cli import load_params, parser, run
 
 from dprpipe.records import read_corpus, read_queries
-from dprpipe.evaluate import EvaluateConfig, evaluate_runs
+from dprpipe.evaluate import EvaluateConfig, evaluate_runs, missing_queries
 from dprpipe.io import DataError, atomic_write, read_run, write_json
 from dprpipe.search import hybrid_run
 
@@ -42,6 +46,11 @@ def main() -> None:
             p.error(f"--hybrid {spec!r} must name two --run systems, e.g. hybrid=bm25+dpr")
         runs[name] = hybrid_run(runs[sparse], runs[dense], cfg.hybrid_weight, cfg.hybrid_normalize)
     queries = read_queries(args.queries)
+    for name, r in runs.items():
+        missing = missing_queries(r, queries)
+        if missing:
+            print(f"warning: {name}: {len(missing)} judged queries are not in the run (e.g. {missing[0]!r}); "
+                  "they are left out of its averages, as BEIR does", file=sys.stderr)
     metrics, curve = evaluate_runs(runs, queries, corpus, cfg)
     write_json(args.metrics, metrics)
     with atomic_write(args.plot) as f:
