@@ -5,7 +5,7 @@ text (little padding waste), encoded under autocast where the hardware has nativ
 written row by row into a float32 `.npy` memmap at the passages' original positions. Memory
 stays at one block whatever the corpus size.
 
-Inputs: a `DualEncoder`, passages or query texts. Outputs: `<name>.npy` [n, dim] float32 and
+Inputs: a `DualEncoder`, passages or query texts, an `EncodeConfig` (params.yaml `encode:`). Outputs: `<name>.npy` [n, dim] float32 and
 `<name>.ids` (one id per line, same order), both written atomically.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,18 @@ from tqdm.auto import tqdm
 from .io import DataError, atomic_memmap, atomic_write, read_ids, write_ids
 from .model import DualEncoder, autocast, passage_texts
 from .records import Passage
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = 32
+    block_size: int = 16384     # passages length-sorted and encoded together; bounds memory
+    shards: int = 1             # > 1: encode the passages in this many shards (Dask worker processes)
+    dask_address: str = ""      # the Dask scheduler for the shards; empty: a local cluster
+
+    def __post_init__(self):
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:

@@ -1,45 +1,41 @@
-"""Sharded encoding and sharded FAISS indexes: pieces that reassemble into the single-process result.
+"""Sharded encoding: the corpus embedded in pieces that reassemble into the single-process result.
 
-Encoding: `shard_ranges` cuts the corpus into contiguous ranges whose boundaries fall on
-multiples of the encode block size, so a shard encodes exactly the blocks (same length-sorted
-batches, same padding) that one process would; `encode_shard` embeds one range from the corpus
-file into its own `.npy` + `.ids` (written atomically, so a failed attempt leaves nothing and a
-retry starts clean); `merge_shards` copies the shards in order through a memmap into one `.npy`
-+ `.ids`, the layout `encode.encode_passages_to` writes. Where the shards run (Prefect tasks on
-Dask) is the flows' business (flows/sharded_encode.py).
+`shard_ranges` cuts the corpus into contiguous ranges whose boundaries fall on multiples of the
+encode block size, so a shard encodes exactly the blocks (same length-sorted batches, same
+padding) that one process would; `encode_shard` embeds one range from the corpus file into its
+own `.npy` + `.ids` (written atomically, so a failed attempt leaves nothing and a retry starts
+clean); `merge_shards` copies the shards in order through a memmap into one `.npy` + `.ids`, the
+layout `encode.encode_passages_to` writes.
 
-Indexes: `shard_indexes` builds one index per shard (or fills copies of one trained index);
-`merge_indexes` joins them: flat indexes, and IVF indexes that share their training, are merged
-into one index holding the vectors in shard order (faiss `merge_from`); any other set (HNSW
-graphs, IVF indexes trained apart) becomes a faiss `IndexShards` that searches every shard and
-keeps the best k. Ids are numbered shard after shard, so the concatenated shard ids are the map.
+`encode_sharded` runs the whole: it hands each shard to a `submit` function (a Dask client's
+`submit`, from `dask_submit`, for the encode stage; a Prefect task's `submit` for the optional
+flow in flows/sharded_encode.py, which adds per-shard retries), waits for every shard and merges.
+`encode_shard_file` is the shard's work as a worker runs it: load the encoder, encode, return
+the two paths.
 
-Inputs: the prepared corpus (`corpus.jsonl`), a `DualEncoder`, embeddings. Outputs: shard and
-merged embedding files, FAISS indexes.
+Inputs: the prepared corpus (`corpus.jsonl`), an encoder (a checkpoint folder, or a base model
+with its `EncoderConfig` fields). Outputs: shard and merged embedding files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-import faiss
-import numpy as np
+from typing import Any
 
 from .encode import encode_passages_to, load_embeddings
-from .index import IndexConfig, build_index
 from .io import DataError, atomic_memmap, atomic_write
-from .model import DualEncoder
+from .model import DualEncoder, EncoderConfig, device
 from .records import Passage, iter_corpus
 
 ShardFiles = tuple[Path, Path]
 """A shard's (`.npy`, `.ids`) pair."""
-
-
-# ---------------------------------------------------------------- encoding
 
 
 def shard_ranges(n: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
@@ -114,74 +110,72 @@ def merge_shards(parts: Sequence[ShardFiles], npy_path: str | os.PathLike, ids_p
     return n
 
 
-# ---------------------------------------------------------------- indexes
+# ---------------------------------------------------------------- running the shards
 
 
-def trained_template(sample: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """An empty index of `cfg.kind`, trained (IVF-PQ) on `sample`: copies of it can be filled shard by
-    shard and merged. Trained on the whole corpus (n <= cfg.train_size), it is what `build_index`
-    trains; on a larger corpus give a sample and an explicit `cfg.nlist`."""
-    index = build_index(sample, cfg)
-    index.reset()
-    return index
+def encode_shard_file(model: str, encoder: dict | None, corpus: str, start: int, end: int, index: int, count: int,
+                      folder: str, batch_size: int, block_size: int) -> list[str]:
+    """Encode passages start..end-1 of `corpus` into shard `index` of `count` in `folder`; its two paths.
 
-
-def shard_indexes(emb: np.ndarray, ranges: Sequence[tuple[int, int]], cfg: IndexConfig,
-                  template: faiss.Index | None = None) -> list[faiss.Index]:
-    """One index per range of `emb`: `build_index` on the range, or a copy of `template` holding it."""
-    if template is None:
-        return [build_index(emb[a:b], cfg) for a, b in ranges]
-    out = []
-    for a, b in ranges:
-        index = faiss.clone_index(template)
-        for s in range(a, b, 65536):
-            index.add(np.ascontiguousarray(emb[s:min(s + 65536, b)], dtype=np.float32))
-        out.append(index)
-    return out
-
-
-def _ivf_training(index: faiss.Index) -> list[np.ndarray] | None:
-    """The trained parts of an IVF index (coarse centroids, PQ codebooks), or None if not IVF."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return None
-    parts = [ivf.quantizer.reconstruct_n(0, ivf.nlist)]
-    pq = getattr(faiss.downcast_index(ivf), "pq", None)
-    if pq is not None:
-        parts.append(faiss.vector_to_array(pq.centroids))
-    return parts
-
-
-def mergeable(indexes: Sequence[faiss.Index]) -> bool:
-    """True when `merge_from` concatenates them exactly: all flat, or all IVF with the same training."""
-    if all(isinstance(faiss.downcast_index(i), faiss.IndexFlat) for i in indexes):
-        return len({(i.d, i.metric_type) for i in indexes}) == 1
-    trained = [_ivf_training(i) for i in indexes]
-    if any(t is None for t in trained) or len({type(faiss.downcast_index(i)) for i in indexes}) != 1:
-        return False
-    return all(len(t) == len(trained[0]) and all(np.array_equal(a, b) for a, b in zip(t, trained[0]))
-               for t in trained[1:])
-
-
-def merge_indexes(indexes: Sequence[faiss.Index]) -> faiss.Index:
-    """One index over the shards' vectors, numbered shard after shard (so the shards' ids concatenated
-    are its id map). Mergeable shards are copied into one index; the others are searched together.
-
-    Searches of a merged flat or IVF index equal those of the index built on all vectors at once;
-    an `IndexShards` of exact (flat) shards does too, while for approximate shards (HNSW) it is as
-    good as each shard's search. An `IndexShards` stays in memory (faiss does not write it): save
-    the shards and rebuild it on load.
+    Runs where the shard is sent (a Dask worker): it loads the encoder there (CUDA if the worker
+    has it). `encoder`: EncoderConfig fields for a base model (a checkpoint has its own).
     """
-    if not indexes:
-        raise ValueError("no indexes to merge")
-    if mergeable(indexes):
-        merged = faiss.clone_index(indexes[0])
-        ivf = faiss.try_extract_index_ivf(merged) is not None
-        for other in indexes[1:]:
-            # IVF stores ids: shift the other's by what is already in; flat ids are positions
-            merged.merge_from(faiss.clone_index(other), merged.ntotal if ivf else 0)
-        return merged
-    together = faiss.IndexShards(indexes[0].d, False, True)  # not threaded; successive ids
-    for index in indexes:
-        together.add_shard(index)
-    return together
+    enc = EncoderConfig(**encoder) if encoder else None
+    model_, _ = DualEncoder.load(model, enc)
+    model_.to(device())
+    npy, ids = encode_shard(model_, corpus, start, end, shard_files(folder, index, count), batch_size, block_size)
+    return [str(npy), str(ids)]
+
+
+def encode_sharded(submit: Callable[..., Any], model: str, encoder: dict | None, corpus: str | os.PathLike,
+                   npy: str | os.PathLike, ids: str | os.PathLike, shards: int, batch_size: int = 64,
+                   block_size: int = 16384, passages: int | None = None) -> dict:
+    """Encode the passages of `corpus` in `shards` pieces and merge them into `npy` and `ids`.
+
+    `submit(*args)` starts `encode_shard_file(*args)` for one shard wherever it runs and returns a
+    future (`.result()`). `passages` is the corpus size, if known (else the file is counted).
+    Paths are made absolute: the workers may run in another folder. The shard files live in a
+    hidden folder next to `npy`, removed after the merge or the failure (once every shard has
+    finished). Returns {"passages", "shards", "ranges"}.
+    """
+    corpus, npy = Path(corpus).resolve(), Path(npy).resolve()
+    n = passages if passages is not None else sum(1 for _ in iter_corpus(corpus))
+    ranges = shard_ranges(n, shards, align=block_size)
+    folder = npy.with_name(f".{npy.name}.shards")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        futures = [submit(model, encoder, str(corpus), a, b, i, len(ranges), str(folder), batch_size, block_size)
+                   for i, (a, b) in enumerate(ranges)]
+        parts, error = [], None
+        for future in futures:   # every shard done before the folder can go
+            try:
+                parts.append(future.result())
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+        rows = merge_shards([(Path(a), Path(b)) for a, b in parts], npy, ids)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"passages": rows, "shards": len(ranges), "ranges": [list(r) for r in ranges]}
+
+
+@contextlib.contextmanager
+def dask_submit(address: str = "", n_workers: int = 1) -> Iterator[Callable[..., Any]]:
+    """A `submit` for `encode_sharded`: shards run on the Dask scheduler at `address`, or (empty) on
+    a temporary local cluster of `n_workers` processes.
+
+    The local cluster listens on 127.0.0.1 only, without a dashboard, and runs one task per
+    worker process; Dask sets OMP_NUM_THREADS=1 in its workers, so n_workers = cores keeps every
+    core busy without oversubscription.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    with contextlib.ExitStack() as stack:
+        if address:
+            client = stack.enter_context(Client(address))
+        else:
+            cluster = stack.enter_context(LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                                       host="127.0.0.1", dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        yield functools.partial(client.submit, encode_shard_file, pure=False)

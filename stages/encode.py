@@ -4,32 +4,22 @@
 the zero-shot baseline, a base model ("default", a hub name or a folder) encoded with the
 `model` params. Outputs in --out: passages.npy/.ids (float32 memmap) and queries.npy/.ids.
 
-With `encode.shards` > 1 the passages are encoded by the `sharded-encode` Prefect flow
-(flows/sharded_encode.py): shards on a Dask cluster (`encode.dask_address`, or a local one), merged
-into the same files. The queries are always encoded here.
+With `encode.shards` > 1 the passages are encoded in shards on Dask worker processes
+(`encode.dask_address`, or a local cluster of one worker per shard, at most one per core) and
+merged into the same files (dprpipe/shard.py). The queries are always encoded here.
 """
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict
 from pathlib import Path
 
 from stage_cli import load_params, parser, run
 
-from dprpipe.encode import encode_passages_to, encode_texts, save_embeddings
+from dprpipe.encode import EncodeConfig, encode_passages_to, encode_texts, save_embeddings
 from dprpipe.io import atomic_dir
 from dprpipe.model import DualEncoder, EncoderConfig, device
 from dprpipe.records import read_corpus, read_queries
-
-
-@dataclass(frozen=True)
-class EncodeConfig:
-    batch_size: int = 64
-    block_size: int = 16384     # passages length-sorted and encoded together; bounds memory
-    shards: int = 1             # > 1: encode the passages in this many shards (Prefect tasks on Dask)
-    dask_address: str = ""      # the Dask scheduler for the shards; empty: a local cluster
-
-    def __post_init__(self):
-        if self.shards < 1:
-            raise ValueError(f"shards must be >= 1, got {self.shards}")
+from dprpipe.shard import dask_submit, encode_sharded
 
 
 def main() -> None:
@@ -48,13 +38,11 @@ def main() -> None:
     queries = read_queries(args.queries)
     with atomic_dir(args.out) as tmp:
         if cfg.shards > 1:
-            from flows.sharded_encode import run_sharded_encode
-
-            # absolute paths: the Dask workers may run in another folder (or on another machine)
-            run_sharded_encode(str(Path(name).resolve()) if Path(name).exists() else name,
-                               str(Path(args.corpus).resolve()), str((tmp / "passages.npy").resolve()),
-                               str((tmp / "passages.ids").resolve()), cfg.shards, asdict(enc), cfg.batch_size,
-                               cfg.block_size, passages=len(corpus), dask_address=cfg.dask_address)
+            # an absolute model path: the Dask workers may run in another folder (or on another machine)
+            model_ref = str(Path(name).resolve()) if Path(name).exists() else name
+            with dask_submit(cfg.dask_address, min(cfg.shards, os.cpu_count() or 1)) as submit:
+                encode_sharded(submit, model_ref, asdict(enc), args.corpus, tmp / "passages.npy", tmp / "passages.ids",
+                               cfg.shards, cfg.batch_size, cfg.block_size, passages=len(corpus))
         else:
             encode_passages_to(model, corpus, len(corpus), tmp / "passages.npy", tmp / "passages.ids",
                                cfg.batch_size, cfg.block_size, progress=True)

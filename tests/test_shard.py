@@ -1,7 +1,7 @@
-"""dprpipe.shard and the sharded_encode flow: shards reassemble into the single-process embeddings
-and index.
+"""dprpipe.shard and the optional sharded_encode flow: shards reassemble into the single-process embeddings.
 
-The flow tests run Prefect (under `prefect_test_harness`) with a DaskTaskRunner on a local
+The core runs its shards through any `submit` (threads here; Dask worker processes in the slow
+test, as the encode stage does). The flow tests run Prefect (under `prefect_test_harness`) with a DaskTaskRunner on a local
 cluster bound to 127.0.0.1: worker processes for the equality test, worker threads for the retry
 tests (so a patched encoder is seen by the workers).
 """
@@ -9,9 +9,9 @@ tests (so a patched encoder is seen by the workers).
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
@@ -19,12 +19,10 @@ from dense_fixtures import tiny_encoder
 
 import dprpipe.shard as shard_mod
 from dprpipe.encode import encode_passages_to, load_embeddings, save_embeddings
-from dprpipe.index import IndexConfig, Searcher, build_index, save_index
 from dprpipe.io import DataError
 from dprpipe.model import DualEncoder
 from dprpipe.records import Passage, read_corpus, write_corpus
-from dprpipe.shard import (merge_indexes, merge_shards, mergeable, read_corpus_range, shard_files, shard_indexes,
-                           shard_ranges, trained_template)
+from dprpipe.shard import merge_shards, read_corpus_range, shard_files, shard_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `flows` is a folder of the project, not an installed package
@@ -129,74 +127,7 @@ def test_merge_shards_rejects_mixed_sizes_and_keeps_old_outputs(tmp_path):
     assert ids == ["old"] and sorted(p.name for p in out.iterdir()) == ["p.ids", "p.npy"]
 
 
-# ---------------------------------------------------------------- sharded indexes
-
-RNG = np.random.default_rng(3)
-EMB = RNG.normal(size=(300, 16)).astype(np.float32)
-QUERIES = RNG.normal(size=(30, 16)).astype(np.float32)
-RANGES = shard_ranges(len(EMB), 3, align=64)   # 128, 128, 44
-
-
-def _search(index, k=10, nprobe=None):
-    if nprobe:
-        for i in range(index.count()) if isinstance(index, faiss.IndexShards) else [None]:
-            faiss.extract_index_ivf(index if i is None else index.at(i)).nprobe = nprobe
-    return index.search(QUERIES, k)
-
-
-def test_merged_flat_shards_search_equal_the_single_index(tmp_path):
-    single = build_index(EMB, IndexConfig())
-    parts = shard_indexes(EMB, RANGES, IndexConfig())
-    assert [p.ntotal for p in parts] == [128, 128, 44] and mergeable(parts)
-    merged = merge_indexes(parts)
-    assert isinstance(merged, faiss.IndexFlatIP) and merged.ntotal == len(EMB)
-    want_scores, want_ids = _search(single)
-    got_scores, got_ids = _search(merged)
-    assert np.array_equal(got_ids, want_ids) and np.array_equal(got_scores, want_scores)
-
-    # the same shards searched together (IndexShards) give the same ranking
-    together = faiss.IndexShards(EMB.shape[1], False, True)
-    for p in shard_indexes(EMB, RANGES, IndexConfig()):
-        together.add_shard(p)
-    t_scores, t_ids = _search(together)
-    assert np.array_equal(t_ids, want_ids)
-    np.testing.assert_allclose(t_scores, want_scores, rtol=1e-6, atol=1e-6)
-
-    # saved with the concatenated shard ids, it serves the same runs as the single index
-    ids = [f"p{i}" for i in range(len(EMB))]
-    save_index(tmp_path / "single", single, ids, IndexConfig())
-    save_index(tmp_path / "merged", merged, ids, IndexConfig())
-    qids = [f"q{i}" for i in range(len(QUERIES))]
-    assert (Searcher.load(tmp_path / "merged").run(qids, QUERIES, 20)
-            == Searcher.load(tmp_path / "single").run(qids, QUERIES, 20))
-
-
-def test_ivfpq_shards_sharing_their_training_merge_into_the_single_index():
-    cfg = IndexConfig(kind="ivfpq", nlist=4, pq_m=4, pq_bits=4, nprobe=2)
-    single = build_index(EMB, cfg)   # 300 <= train_size: trained on every vector
-    parts = shard_indexes(EMB, RANGES, cfg, template=trained_template(EMB, cfg))
-    assert mergeable(parts)
-    merged = merge_indexes(parts)
-    assert isinstance(faiss.downcast_index(merged), faiss.IndexIVFPQ) and merged.ntotal == len(EMB)
-    want_scores, want_ids = _search(single, nprobe=2)
-    got_scores, got_ids = _search(merged, nprobe=2)
-    assert np.array_equal(got_ids, want_ids) and np.array_equal(got_scores, want_scores)
-
-
-def test_shards_that_cannot_merge_are_searched_together():
-    # IVF-PQ trained shard by shard: other codebooks, so no exact merge
-    cfg = IndexConfig(kind="ivfpq", nlist=2, pq_m=4, pq_bits=4)
-    parts = shard_indexes(EMB, RANGES, cfg)
-    assert not mergeable(parts)
-    together = merge_indexes(parts)
-    assert isinstance(together, faiss.IndexShards) and together.ntotal == len(EMB)
-    # HNSW graphs never merge; searched together on this small set they find the exact neighbours
-    hnsw = merge_indexes(shard_indexes(EMB, RANGES, IndexConfig(kind="hnsw")))
-    assert isinstance(hnsw, faiss.IndexShards)
-    assert np.array_equal(_search(hnsw, k=5)[1], _search(build_index(EMB, IndexConfig()), k=5)[1])
-
-
-# ---------------------------------------------------------------- the sharded_encode flow
+# ---------------------------------------------------------------- the reference, and the flow's Prefect harness
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +176,57 @@ def _task_runs(state) -> dict[str, list]:
     return {r.name: [r.state.name, r.run_count] for r in runs}
 
 
+# ---------------------------------------------------------------- encode_sharded (the encode stage's path)
+
+
+def _failing_encoder(monkeypatch, failures: int) -> dict[int, int]:
+    """Make the shard starting at 15 fail its first `failures` attempts; returns attempts per shard start."""
+    real, attempts = shard_mod.encode_shard, {}
+
+    def flaky(model, corpus, start, end, files, *args):
+        attempts[start] = attempts.get(start, 0) + 1
+        if start == 15 and attempts[start] <= failures:
+            raise RuntimeError("worker lost (injected)")
+        return real(model, corpus, start, end, files, *args)
+
+    monkeypatch.setattr(shard_mod, "encode_shard", flaky)
+    return attempts
+
+
+def _threads_submit(pool: ThreadPoolExecutor):
+    return lambda *args: pool.submit(shard_mod.encode_shard_file, *args)
+
+
+def test_encode_sharded_equals_one_process(workspace, tmp_path):
+    with ThreadPoolExecutor(2) as pool:
+        result = shard_mod.encode_sharded(_threads_submit(pool), str(workspace / "model"), None,
+                                          workspace / "corpus.jsonl", tmp_path / "passages.npy",
+                                          tmp_path / "passages.ids", 2, BATCH, BLOCK)
+    assert result == {"passages": 21, "shards": 2, "ranges": [[0, 15], [15, 21]]}
+    _assert_same_as_single_process(workspace, tmp_path)
+
+
+def test_encode_sharded_a_failing_shard_fails_it_and_writes_nothing(workspace, monkeypatch, tmp_path):
+    attempts = _failing_encoder(monkeypatch, failures=99)
+    with ThreadPoolExecutor(2) as pool, pytest.raises(RuntimeError, match="worker lost"):
+        shard_mod.encode_sharded(_threads_submit(pool), str(workspace / "model"), None, workspace / "corpus.jsonl",
+                                 tmp_path / "passages.npy", tmp_path / "passages.ids", 2, BATCH, BLOCK, passages=21)
+    assert attempts == {0: 1, 15: 1}        # no retries here: DVC reruns the stage
+    assert list(tmp_path.iterdir()) == []   # no outputs, and shard 0's files are gone with the shard folder
+
+
+@pytest.mark.slow
+def test_encode_sharded_on_a_local_dask_cluster_equals_one_process(workspace, tmp_path):
+    # the encode stage's runner: 2 spawned worker processes on 127.0.0.1
+    with shard_mod.dask_submit("", n_workers=2) as submit:
+        shard_mod.encode_sharded(submit, str(workspace / "model"), None, workspace / "corpus.jsonl",
+                                 tmp_path / "passages.npy", tmp_path / "passages.ids", 2, BATCH, BLOCK)
+    _assert_same_as_single_process(workspace, tmp_path)
+
+
+# ---------------------------------------------------------------- the sharded_encode flow (optional runner)
+
+
 @pytest.mark.slow
 def test_sharded_encode_on_a_local_dask_cluster_equals_one_process(workspace, harness, tmp_path):
     from flows.sharded_encode import run_sharded_encode
@@ -269,20 +251,6 @@ def threaded_runner(monkeypatch):
     # in-process workers talk over inproc://, not a socket
     return enc_flows.sharded_encode.with_options(task_runner=DaskTaskRunner(cluster_kwargs={
         "n_workers": 2, "threads_per_worker": 1, "processes": False, "dashboard_address": None}))
-
-
-def _failing_encoder(monkeypatch, failures: int) -> dict[int, int]:
-    """Make the shard starting at 15 fail its first `failures` attempts; returns attempts per shard start."""
-    real, attempts = shard_mod.encode_shard, {}
-
-    def flaky(model, corpus, start, end, files, *args):
-        attempts[start] = attempts.get(start, 0) + 1
-        if start == 15 and attempts[start] <= failures:
-            raise RuntimeError("worker lost (injected)")
-        return real(model, corpus, start, end, files, *args)
-
-    monkeypatch.setattr(shard_mod, "encode_shard", flaky)
-    return attempts
 
 
 @pytest.mark.slow
