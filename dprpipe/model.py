@@ -35,7 +35,7 @@ class EncoderConfig:
 
     model: str = DEFAULT_MODEL     # "default", a Hugging Face model name, or a local folder
     pooling: str = "mean"          # cls | mean
-    normalize: bool = False        # L2-normalise vectors (cosine); the paper uses the raw inner product
+    normalize: bool = True         # L2-normalise vectors (cosine); the paper uses the raw inner product
     shared: bool = True            # one encoder for questions and passages
     use_title: bool = True         # passage text is "title text"
     query_max_length: int = 64

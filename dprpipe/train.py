@@ -55,18 +55,18 @@ class TrainConfig:
     batch_size: int = 32
     hard_negatives: int = 1        # BM25 negatives per question (0 = in-batch only)
     negative_pool: int = 30        # sample them from this many top mined negatives
-    lr: float = 1e-5
+    lr: float = 5e-5
     warmup_ratio: float = 0.1      # linear warm-up, then linear decay to 0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01
     max_grad_norm: float = 2.0
     grad_accumulation: int = 1     # micro-batches per optimiser step (each has its own in-batch negatives)
-    temperature: float = 1.0       # scores are divided by this (use ~0.05 with normalize: true)
+    temperature: float = 0.05      # scores are divided by this (cosine scores need a sharp softmax)
     seed: int = 13
     resume: bool = True            # continue from the saved state of an interrupted run of the same config
-    checkpoint_every: int = 50     # optimiser steps between resumable states (0: only at epoch ends)
+    checkpoint_every: int = 10     # optimiser steps between resumable states (0: only at epoch ends)
     validation: str = "ndcg@10"    # ndcg@10 (higher is better) | avg_rank (DPR's; lower is better)
-    val_negatives: int = 10        # dev pool: each dev question's positives + this many mined negatives
-    passage_max_length: int = 0    # passage tokens while training (0 = the encoder's); shorter is cheaper
+    val_negatives: int = 5         # dev pool: each dev question's positives + this many mined negatives
+    passage_max_length: int = 128  # passage tokens while training (0 = the encoder's); shorter is cheaper
     nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
 
     def __post_init__(self):

@@ -7,10 +7,20 @@ import pytest
 import yaml
 
 from dprpipe.bm25 import BM25Params
+from dprpipe.claims import ReportConfig
 from dprpipe.config import from_mapping, to_dict
-from dprpipe.prepare import PrepareConfig
+from dprpipe.encode import EncodeConfig
 from dprpipe.evaluate import EvaluateConfig
+from dprpipe.index import IndexConfig
 from dprpipe.mine import MineConfig
+from dprpipe.model import EncoderConfig
+from dprpipe.prepare import PrepareConfig
+from dprpipe.train import TrainConfig
+
+PARAMS = pathlib.Path(__file__).parents[1] / "params.yaml"
+SECTIONS = {"prepare": PrepareConfig, "mine": MineConfig, "model": EncoderConfig, "train": TrainConfig,
+            "encode": EncodeConfig, "index": IndexConfig, "evaluate": EvaluateConfig, "report": ReportConfig}
+"""The config each params.yaml section is read into by its stage."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +114,20 @@ evaluate: {ks: [1, 10], curve_ks: [1, 2], hybrid_weight: 2}
     assert to_dict(ev)["ks"] == [1, 10]
 
 
-def test_project_params_yaml_loads():
-    # the committed params.yaml must build every core config the stages read with these types
-    import pathlib
+def test_every_params_section_has_its_config():
+    params = yaml.safe_load(PARAMS.read_text())
+    assert {k for k, v in params.items() if isinstance(v, dict)} == set(SECTIONS)
 
-    params = yaml.safe_load((pathlib.Path(__file__).parents[1] / "params.yaml").read_text())
-    from_mapping(PrepareConfig, params["prepare"], "prepare")
-    from_mapping(MineConfig, params["mine"], "mine")
-    from_mapping(EvaluateConfig, params["evaluate"], "evaluate")
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_config_defaults_are_the_params_yaml_values(section):
+    # one source of defaults: a config built without params.yaml is the one params.yaml gives
+    cls, values = SECTIONS[section], yaml.safe_load(PARAMS.read_text())[section]
+    assert sorted(values) == sorted(f.name for f in dataclasses.fields(cls)), "params.yaml lists every field"
+    from_params, defaults = from_mapping(cls, values, section), cls()
+    differ = {f.name: (getattr(defaults, f.name), getattr(from_params, f.name)) for f in dataclasses.fields(cls)
+              if getattr(defaults, f.name) != getattr(from_params, f.name)}
+    assert differ == {}, f"{cls.__name__} default vs params.yaml {section}: {differ}"
 
 
 def test_docstring_examples():
