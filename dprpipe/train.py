@@ -19,6 +19,12 @@ the global batch, with the same columns and masks as one process. The loss is sc
 because DDP averages the ranks' gradients; the sum of the ranks' gradients is the single-process
 one. Rank 0 alone validates and writes checkpoints; dropout masks differ per rank (seed + rank).
 
+With `grad_cache_chunk` > 0 each batch's gradient is computed by gradient caching (GradCache,
+Gao et al. 2021; see `cached_batch_gradients`): texts go through the encoders that many at a
+time, twice, so memory stays that of one chunk while the in-batch negatives are the whole batch's
+(with grad_accumulation, each micro-batch's). It composes with the above: one process or DDP,
+shared or separate encoders, bf16 autocast, the own-positive mask.
+
 Inputs: the encoder, corpus, train/dev queries and mined negatives. Output: the best
 checkpoint by validation (a `DualEncoder.save` folder) and a per-epoch history.
 """
@@ -68,6 +74,7 @@ class TrainConfig:
     val_negatives: int = 5         # dev pool: each dev question's positives + this many mined negatives
     passage_max_length: int = 128  # passage tokens while training (0 = the encoder's); shorter is cheaper
     nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
+    grad_cache_chunk: int = 0      # > 0: gradient caching, texts encoded N at a time (memory of N, any batch)
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):
@@ -76,6 +83,8 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1, epochs and hard_negatives >= 0")
         if self.nproc < 1:
             raise ValueError(f"nproc must be >= 1, got {self.nproc}")
+        if self.grad_cache_chunk < 0:
+            raise ValueError(f"grad_cache_chunk must be >= 0 (0: off), got {self.grad_cache_chunk}")
 
 
 @dataclass
@@ -159,9 +168,11 @@ class Towers(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, queries: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode_query(queries), self.model.encode_passage(passages)
+    def forward(self, queries: dict[str, torch.Tensor] | None, passages: dict[str, torch.Tensor] | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Question then passage vectors; None for a side not given (gradient caching encodes one at a time)."""
+        return (None if queries is None else self.model.encode_query(queries),
+                None if passages is None else self.model.encode_passage(passages))
 
 
 def gathered_order(batch: Batch, bounds: Sequence[tuple[int, int]]) -> list[int]:
@@ -214,6 +225,104 @@ def distributed_batch_loss(towers: nn.Module, model: DualEncoder, batch: Batch, 
     return loss, keep_alive
 
 
+def grad_cache_steps(n_queries: int, n_passages: int, chunk: int) -> list[tuple[range | None, range | None]]:
+    """The encoder calls of gradient caching: (question rows, passage rows) of each, in order.
+
+    Questions `chunk` at a time, then passages `chunk` at a time, one side per call. With 5
+    questions, 7 passages and chunks of 3: [(0:3, -), (3:5, -), (-, 0:3), (-, 3:6), (-, 6:7)].
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return ([(range(i, min(i + chunk, n_queries)), None) for i in range(0, n_queries, chunk)]
+            + [(None, range(i, min(i + chunk, n_passages))) for i in range(0, n_passages, chunk)])
+
+
+def cached_batch_gradients(model: DualEncoder, towers: nn.Module | None, batch: Batch, corpus: Sequence[Passage],
+                           pid_index: Mapping[str, int], cfg: TrainConfig, scale: float = 1.0,
+                           sync: bool = True) -> float:
+    """Add `scale` times the gradient of one batch's loss to the parameters by gradient caching; the loss.
+
+    GradCache (Gao et al., 2021): the loss of a batch depends on the encoders only through its
+    embeddings, so (1) every text is encoded `cfg.grad_cache_chunk` at a time without a graph,
+    (2) the loss of the whole batch is computed on those detached embeddings and backpropagated
+    to them alone, and (3) each chunk is encoded again with a graph and backpropagated with its
+    rows of those cached embedding gradients. Memory is that of one chunk's graph, whatever the
+    batch size; the cost is a second forward pass. The CPU (and CUDA) RNG state is saved before
+    each chunk and restored for its second pass, so dropout draws the same masks in both and the
+    cached gradients are those of the network that is backpropagated; the gradient is then the
+    one of a batch whose texts went through the encoders in these chunks (with dropout off, the
+    gradient of `batch_loss` up to float rounding).
+
+    `towers` is None in one process; under torchrun it is the DDP module and this rank encodes its
+    slice of `batch`, gathers every rank's detached embeddings, computes the loss of the global
+    batch as `distributed_batch_loss` does and backpropagates its own rows' cached gradients
+    (scaled by the world size, which DDP's average undoes). DDP reduces gradients only in the
+    backward of the last encoder call when `sync` is true (the last micro-batch of an optimiser
+    step), under `no_sync` otherwise. That call runs the passage encoder alone: with separate
+    encoders DDP (`find_unused_parameters`, see `_ddp`) still reduces the query encoder's gradient
+    accumulated under `no_sync`. A rank with an empty slice still encodes one question and its
+    passages, with a zero gradient, so it joins that reduction.
+    """
+    dev = next(model.parameters()).device
+    world = dist_.world_size()
+    towers = towers if towers is not None else Towers(model)
+    plain = getattr(towers, "module", towers)   # the first pass needs no DDP bookkeeping
+    bounds = dist_.split_even(len(batch), world)
+    lo, hi = bounds[dist_.rank()]
+    local = batch[lo:hi] or batch[:1]
+    cols = _columns(local)
+    q_texts = [qr.text for qr, _, _ in local]
+    p_texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
+    calls = [(None if qs is None else model.tokenize_queries(q_texts[qs.start:qs.stop]),
+              None if ps is None else model.tokenize_passages(p_texts[ps.start:ps.stop], cfg.passage_max_length or None))
+             for qs, ps in grad_cache_steps(len(q_texts), len(p_texts), cfg.grad_cache_chunk)]
+
+    rng_before, q_parts, p_parts = [], [], []
+    with torch.no_grad(), autocast(model.cfg, dev):
+        for queries, passages in calls:
+            rng_before.append(_rng_state())
+            q, p = plain(queries, passages)
+            q_parts += [] if q is None else [q]
+            p_parts += [] if p is None else [p]
+    rng_after = _rng_state()
+    q_emb = torch.cat(q_parts).requires_grad_()
+    p_emb = torch.cat(p_parts).requires_grad_()
+
+    with autocast(model.cfg, dev):   # the loss's matmul runs as in the uncached step
+        if world > 1:
+            q_all = dist_.gather_with_grad(q_emb if hi > lo else q_emb[:0])
+            p_all = dist_.gather_with_grad(p_emb if hi > lo else p_emb[:0])
+            order = torch.tensor(gathered_order(batch, bounds), device=p_all.device)
+            loss = _masked_loss(q_all, p_all.index_select(0, order), batch, _columns(batch), pid_index,
+                                cfg.temperature)
+        else:
+            loss = _masked_loss(q_emb, p_emb, batch, cols, pid_index, cfg.temperature)
+    (loss * (world * scale)).backward()
+    q_grad = q_emb.grad if q_emb.grad is not None else torch.zeros_like(q_emb)
+    p_grad = p_emb.grad if p_emb.grad is not None else torch.zeros_like(p_emb)
+
+    q_at = p_at = 0
+    for k, ((queries, passages), rng) in enumerate(zip(calls, rng_before)):
+        _set_rng_state(*rng)   # the first pass's dropout masks
+        last = sync and k == len(calls) - 1
+        no_sync = getattr(towers, "no_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with autocast(model.cfg, dev):
+                q, p = towers(queries, passages)
+            outputs, grads = [], []
+            if q is not None:
+                outputs.append(q)
+                grads.append(q_grad[q_at:q_at + len(q)])
+                q_at += len(q)
+            if p is not None:
+                outputs.append(p)
+                grads.append(p_grad[p_at:p_at + len(p)])
+                p_at += len(p)
+            torch.autograd.backward(outputs, grads)
+    _set_rng_state(*rng_after)   # where the first pass left it (the replays drew the same numbers)
+    return loss.item()
+
+
 @torch.inference_mode()
 def validate(model: DualEncoder, data: TrainData, cfg: TrainConfig, pid_index: Mapping[str, int]) -> dict[str, float]:
     """Rank a pool (dev positives + mined negatives) for each dev question: nDCG@10, avg gold rank."""
@@ -240,10 +349,13 @@ def _fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_si
     """What a resumable state must match: the config (but resume), the world size and the training inputs.
 
     `nproc` is left out (the actual world size counts), and a single process adds nothing, so
-    states saved before distributed training existed still resume.
+    states saved before distributed training existed still resume; so does `grad_cache_chunk`
+    when it is off. On, it counts: its chunks draw other dropout masks than whole batches.
     """
     settings = {**asdict(cfg), "resume": None, "encoder": asdict(model.cfg)}
     del settings["nproc"]
+    if not cfg.grad_cache_chunk:   # off: states saved before gradient caching existed still resume
+        del settings["grad_cache_chunk"]
     if world_size > 1:
         settings["world_size"] = world_size
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -342,7 +454,8 @@ def _ddp(model: DualEncoder) -> nn.Module:
 
     dev = next(model.parameters()).device
     # find_unused_parameters: the encoders' pooler layer gets no gradient (pooling reads the hidden
-    # states); no buffer sync before each forward: the buffers (position ids) are constants
+    # states), and a gradient-caching call runs one encoder only; no buffer sync before each
+    # forward: the buffers (position ids) are constants
     return DistributedDataParallel(Towers(model), device_ids=[dev.index] if dev.type == "cuda" else None,
                                    find_unused_parameters=True, forward_sync_buffers=False)
 
@@ -353,12 +466,17 @@ def step_gradients(model: DualEncoder, towers: nn.Module | None, group: Sequence
 
     `towers` is None in one process; under torchrun it is the DDP module (`_ddp`), and each rank's
     backward of `loss * world_size` leaves, once DDP has averaged, the single-process gradient in
-    every rank's parameters.
+    every rank's parameters. With `cfg.grad_cache_chunk` each micro-batch goes through
+    `cached_batch_gradients` instead.
     """
     dev = next(model.parameters()).device
     world = dist_.world_size()
     step_loss = 0.0
     for k, batch in enumerate(group):
+        if cfg.grad_cache_chunk:
+            step_loss += cached_batch_gradients(model, towers, batch, corpus, pid_index, cfg, 1 / len(group),
+                                                sync=k == len(group) - 1) / len(group)
+            continue
         if towers is None:
             with autocast(model.cfg, dev):
                 loss = batch_loss(model, batch, corpus, pid_index, cfg.temperature, cfg.passage_max_length)

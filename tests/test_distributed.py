@@ -38,6 +38,10 @@ SCENARIOS = {
     # separate encoders, 2 hard negatives, 2 micro-batches per step (DDP no_sync), batches 6, 6, 4
     "accumulate": (replace(BASE, batch_size=3, hard_negatives=2, grad_accumulation=2),
                    {"pooling": "mean", "normalize": True, "shared": False}, 16),
+    # gradient caching in chunks of 2 (dividing neither 3 questions nor 9 passages per rank), separate
+    # encoders, 2 micro-batches per step; global batches 6, 6, 1, so rank 1's last slice is empty
+    "cached": (replace(BASE, batch_size=3, hard_negatives=2, grad_accumulation=2, grad_cache_chunk=2),
+               {"pooling": "mean", "normalize": True, "shared": False}, 13),
 }
 # Adam divides each gradient by its own running norm, so a weight whose gradient is near zero moves by
 # float noise (DDP sums the gradients in another order): 1.2e-5 seen on AVX-512. 1e-4 is 3% of one
@@ -72,12 +76,21 @@ def _check_gather_with_grad(rank: int) -> None:
         assert torch.equal(t.grad, weights[start:start + rows[rank]])
 
 
-def _first_step_grads(model: DualEncoder, cfg: TrainConfig, data: TrainData) -> dict:
+def _first_step_grads(model: DualEncoder, cfg: TrainConfig, data: TrainData, reductions: list | None = None) -> dict:
     """The gradient of the first optimiser step (global batches of WORLD * cfg.batch_size questions), as
-    train() computes it: in one process, or in a process group this rank's parameters through DDP."""
+    train() computes it: in one process, or in a process group this rank's parameters through DDP.
+    Under DDP, `reductions` receives the index of each gradient bucket DDP all-reduces."""
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
     group = epoch_batches(data, replace(cfg, batch_size=cfg.batch_size * WORLD), 0, pid_index)[:cfg.grad_accumulation]
     towers = _ddp(model) if distributed.is_distributed() else None
+    if towers is not None and reductions is not None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counted(state, bucket):
+            reductions.append(bucket.index())
+            return allreduce_hook(state, bucket)   # DDP's own reduction (the average)
+
+        towers.register_comm_hook(None, counted)
     model.train()
     step_gradients(model, towers, group, data.corpus, pid_index, cfg)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -94,8 +107,10 @@ def _rank_main(rank: int, port: int, root: str) -> None:
         for name, (cfg, encoder, n_train) in SCENARIOS.items():
             folder = Path(root) / name
             folder.mkdir(exist_ok=True)
-            grads = _first_step_grads(_model(encoder), cfg, _data(n_train))
+            reductions: list[int] = []
+            grads = _first_step_grads(_model(encoder), cfg, _data(n_train), reductions)
             torch.save(grads, folder / f"grads{rank}.pt")
+            (folder / f"reductions{rank}.json").write_text(json.dumps(reductions))
             model = _model(encoder)
             history = train(model, _data(n_train), cfg, folder / "out", folder / "state", progress=False)
             torch.save({"history": history, "weights": model.state_dict()}, folder / f"rank{rank}.pt")
@@ -205,6 +220,28 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_runs, tmp_pat
     # and the comparison can tell: one process with the per-rank batch trains differently
     _, small_weights = _single(tmp_path / "small", name, cfg.batch_size)
     assert _max_diff(small_weights, ref_weights) > 10 * TOL["atol"]
+
+
+@pytest.mark.slow  # shares the 2-process run (~10 s)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_ddp_reduces_each_gradient_bucket_once_per_optimiser_step(ddp_runs, name):
+    """Micro-batches and gradient caching's chunks backpropagate under no_sync but the last."""
+    for r in range(WORLD):
+        buckets = json.loads((ddp_runs / name / f"reductions{r}.json").read_text())
+        assert buckets and sorted(buckets) == list(range(len(buckets))), (r, buckets)
+
+
+@pytest.mark.slow  # shares the 2-process run (~10 s)
+def test_ddp_gradient_caching_equals_the_uncached_single_process_gradient(ddp_runs):
+    """Dropout is off, so gradient caching changes nothing but float rounding, across ranks too."""
+    cfg, encoder, n_train = SCENARIOS["cached"]
+    got = torch.load(ddp_runs / "cached" / "grads0.pt", weights_only=True)
+    ref = _first_step_grads(_model(encoder), replace(cfg, grad_cache_chunk=0), _data(n_train))
+    assert got.keys() == ref.keys()
+    worst = max(float((got[k] - ref[k]).abs().max()) / max(float(ref[k].abs().max()), 2e-5) for k in ref)
+    print(f"cached, 2 ranks vs uncached, 1 process: max abs gradient difference "
+          f"{max(float((got[k] - ref[k]).abs().max()) for k in ref):.1e}, relative {worst:.1e}")
+    assert worst < 1e-4
 
 
 @pytest.mark.slow  # shares the 2-process run (~10 s)

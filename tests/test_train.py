@@ -331,3 +331,221 @@ def test_resume_fingerprint_counts_the_world_size_not_the_nproc_setting():
     # a state saved by 2 ranks (global batch 2 * batch_size) is another run
     assert train_mod._fingerprint(CFG, model, data, world_size=2) != one
     assert train_mod._fingerprint(replace(CFG, epochs=4), model, data) != one
+
+
+# ---------------------------------------------------------------- gradient caching
+
+
+def test_grad_cache_steps_cover_every_row_once_in_chunks():
+    assert train_mod.grad_cache_steps(5, 7, 3) == [(range(0, 3), None), (range(3, 5), None), (None, range(0, 3)),
+                                                   (None, range(3, 6)), (None, range(6, 7))]
+    for nq, np_, chunk in [(1, 1, 1), (4, 12, 4), (7, 21, 5), (3, 3, 100)]:
+        steps = train_mod.grad_cache_steps(nq, np_, chunk)
+        assert [i for q, _ in steps if q for i in q] == list(range(nq))
+        assert [i for _, p in steps if p for i in p] == list(range(np_))
+        assert all(len(r) <= chunk for step in steps for r in step if r)
+        assert all((q is None) != (p is None) for q, p in steps)   # one encoder per call: one chunk's memory
+    with pytest.raises(ValueError):
+        TrainConfig(grad_cache_chunk=-1)
+
+
+def _cache_batch(corpus):
+    """7 questions with 2 hard negatives each, plus an eighth that shares the first one's positive (masked)."""
+    data = _data()
+    pid = _pid(data)
+    batch = epoch_batches(data, replace(CFG, batch_size=7, hard_negatives=2), 0, pid)[0]
+    q0, pos0, _ = batch[0]
+    twin = Query("twin", q0.text + " please", relevant=dict(q0.relevant))
+    batch.append((twin, pos0, [(pos0 + 5) % len(corpus)]))
+    return batch, pid
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _uncached_grads(model, batch, corpus, pid, cfg):
+    model.zero_grad(set_to_none=True)
+    with train_mod.autocast(model.cfg, torch.device("cpu")):
+        loss = batch_loss(model, batch, corpus, pid, cfg.temperature, cfg.passage_max_length)
+    loss.backward()
+    return _grads(model), loss.item()
+
+
+def _cached_grads(model, batch, corpus, pid, cfg):
+    model.zero_grad(set_to_none=True)
+    loss = train_mod.cached_batch_gradients(model, None, batch, corpus, pid, cfg)
+    return _grads(model), loss
+
+
+def _worst(a, b):
+    """Largest difference over all tensors, relative to each tensor's largest entry.
+
+    The floor, 2e-5, is for a tensor whose gradient is all rounding noise (the attention key bias:
+    softmax ignores a shift), as in test_distributed.
+    """
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) / max(float(b[k].abs().max()), 2e-5) for k in b)
+
+
+def _max_abs(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in b)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_cached_step_equals_the_uncached_step_without_dropout(shared):
+    corpus = toy_corpus()
+    batch, pid = _cache_batch(corpus)   # 8 questions, 23 passages, one masked column
+    model = tiny_encoder(seed=0, shared=shared, **ENCODER)
+    model.eval()   # dropout off: caching changes nothing but float rounding
+    want, want_loss = _uncached_grads(model, batch, corpus, pid, CFG)
+    for chunk in (1, 3, 8, 100):   # 3 divides neither 8 nor 23
+        got, loss = _cached_grads(model, batch, corpus, pid, replace(CFG, grad_cache_chunk=chunk))
+        print(f"shared={shared} chunk {chunk}: max abs gradient difference {_max_abs(got, want):.1e}, "
+              f"relative {_worst(got, want):.1e}")
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        assert _worst(got, want) < 1e-4, chunk
+    # and the comparison can tell: half the batch's gradient is another one
+    half, _ = _uncached_grads(model, batch[:4], corpus, pid, CFG)
+    assert _worst(half, want) > 1e-2
+
+
+def _chunked_reference(model, batch, corpus, pid, cfg):
+    """The gradient caching must reproduce: the whole loss backpropagated through one graph, the texts
+    encoded in `grad_cache_steps`'s chunks (so dropout draws the masks of those calls), each call and the
+    loss under the model's autocast."""
+    model.zero_grad(set_to_none=True)
+    cols = train_mod._columns(batch)
+    q_texts = [q.text for q, _, _ in batch]
+    p_texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
+    qs, ps = [], []
+    cast = lambda: train_mod.autocast(model.cfg, torch.device("cpu"))  # noqa: E731
+    for q_rows, p_rows in train_mod.grad_cache_steps(len(q_texts), len(p_texts), cfg.grad_cache_chunk):
+        with cast():
+            if q_rows:
+                qs.append(model.encode_query(model.tokenize_queries(q_texts[q_rows.start:q_rows.stop])))
+            if p_rows:
+                ps.append(model.encode_passage(model.tokenize_passages(p_texts[p_rows.start:p_rows.stop])))
+    with cast():
+        loss = train_mod._masked_loss(torch.cat(qs), torch.cat(ps), batch, cols, pid, cfg.temperature)
+    loss.backward()
+    return _grads(model)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_cached_step_with_dropout_replays_the_first_pass_masks(shared, monkeypatch):
+    corpus = toy_corpus()
+    batch, pid = _cache_batch(corpus)
+    model = tiny_encoder(seed=0, shared=shared, **ENCODER)
+    model.train()   # dropout on (0.1): the second pass must draw the first pass's masks
+    for chunk in (3, 5):
+        cfg = replace(CFG, grad_cache_chunk=chunk)
+        torch.manual_seed(11)
+        want = _chunked_reference(model, batch, corpus, pid, cfg)
+        rng_want = torch.get_rng_state()
+        torch.manual_seed(11)
+        got, _ = _cached_grads(model, batch, corpus, pid, cfg)
+        print(f"dropout, shared={shared} chunk {chunk}: max abs gradient difference {_max_abs(got, want):.1e}, "
+              f"relative {_worst(got, want):.1e}")
+        assert _worst(got, want) < 1e-4, chunk
+        assert torch.equal(torch.get_rng_state(), rng_want)   # the step leaves the RNG where one pass would
+
+    # one chunk holding the whole batch draws as the uncached step does: the same gradient, dropout and all
+    torch.manual_seed(11)
+    want, _ = _uncached_grads(model, batch, corpus, pid, CFG)
+    torch.manual_seed(11)
+    got, _ = _cached_grads(model, batch, corpus, pid, replace(CFG, grad_cache_chunk=100))
+    assert _worst(got, want) < 1e-4
+
+    # the test can tell: second passes that draw fresh masks give another gradient
+    cfg = replace(CFG, grad_cache_chunk=3)
+    torch.manual_seed(11)
+    want = _chunked_reference(model, batch, corpus, pid, cfg)
+    monkeypatch.setattr(train_mod, "_set_rng_state", lambda cpu, cuda: None)
+    torch.manual_seed(11)
+    fresh, _ = _cached_grads(model, batch, corpus, pid, cfg)
+    assert _worst(fresh, want) > 1e-2
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_cached_step_under_bf16_autocast(shared):
+    corpus = toy_corpus()
+    batch, pid = _cache_batch(corpus)
+    model = tiny_encoder(seed=0, precision="bf16", shared=shared, **ENCODER)
+    model.eval()
+    cfg = replace(CFG, grad_cache_chunk=3)
+    want = _chunked_reference(model, batch, corpus, pid, cfg)   # bf16 matmuls, the loss's included
+    got, _ = _cached_grads(model, batch, corpus, pid, cfg)
+    fp32 = tiny_encoder(seed=0, precision="fp32", shared=shared, **ENCODER)
+    fp32.eval()
+    in_fp32, _ = _cached_grads(fp32, batch, corpus, pid, cfg)
+    print(f"bf16, shared={shared} chunk 3: relative gradient difference {_worst(got, want):.1e} "
+          f"(the same step in fp32: {_worst(in_fp32, want):.1e})")
+    assert _worst(got, want) < 1e-4
+    assert _worst(in_fp32, want) > 1e-3   # the comparison tells bf16 from fp32
+    if not shared:
+        # one chunk is the uncached step's computation. (Not with a shared encoder: one autocast region
+        # casts each shared weight to bf16 once and sums its two uses' gradients in bf16.)
+        want, _ = _uncached_grads(model, batch, corpus, pid, CFG)
+        got, _ = _cached_grads(model, batch, corpus, pid, replace(CFG, grad_cache_chunk=100))
+        assert _worst(got, want) < 1e-5
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+CACHED = replace(CFG, grad_cache_chunk=3, grad_accumulation=2)   # 4 questions, 4 passages per micro-batch
+
+
+def test_cached_training_run_equals_the_uncached_run(tmp_path):
+    # dropout off, so both runs compute the same function; 2 micro-batches per step
+    model_a = _no_dropout(tiny_encoder(seed=0, **ENCODER))
+    hist_a = train(model_a, _data(), replace(CACHED, grad_cache_chunk=0), tmp_path / "a", tmp_path / "sa",
+                   progress=False)
+    model_b = _no_dropout(tiny_encoder(seed=0, **ENCODER))
+    hist_b = train(model_b, _data(), CACHED, tmp_path / "b", tmp_path / "sb", progress=False)
+    print("max weight difference, cached vs uncached run:",
+          _max_abs(model_b.state_dict(), model_a.state_dict()))
+    for name, a in model_a.state_dict().items():
+        torch.testing.assert_close(model_b.state_dict()[name], a, rtol=0, atol=1e-5, msg=name)
+    assert [h["loss"] for h in hist_b[1:]] == pytest.approx([h["loss"] for h in hist_a[1:]], rel=1e-5)
+    assert hist_b[-1]["loss"] < 0.8 * hist_b[1]["loss"]   # it trains
+    # and the comparison can tell: without the second micro-batch's gradient the weights differ
+    model_c = _no_dropout(tiny_encoder(seed=0, **ENCODER))
+    train(model_c, _data(), replace(CACHED, grad_accumulation=1), tmp_path / "c", tmp_path / "sc", progress=False)
+    assert _max_abs(model_c.state_dict(), model_a.state_dict()) > 1e-3
+
+
+def test_cached_run_resumes_after_interrupt_to_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
+    cfg = replace(CACHED, grad_accumulation=1)   # dropout on: resume must restore what the replays draw
+    model_a = tiny_encoder(seed=0, **ENCODER)
+    hist_a = train(model_a, _data(), cfg, tmp_path / "a", tmp_path / "sa", progress=False)
+
+    real, calls = train_mod.cached_batch_gradients, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:   # during step 4, after the checkpoint taken at step 3 (mid-epoch)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "cached_batch_gradients", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_encoder(seed=0, **ENCODER), _data(), cfg, tmp_path / "b", tmp_path / "sb", progress=False)
+    monkeypatch.undo()
+    prog = json.loads((_only_state(tmp_path / "sb") / "last" / "progress.json").read_text())
+    assert prog["global_step"] == 3
+    capsys.readouterr()
+    model_b = tiny_encoder(seed=123, **ENCODER)
+    hist_b = train(model_b, _data(), cfg, tmp_path / "b", tmp_path / "sb", progress=False)
+    assert "resuming" in capsys.readouterr().out
+    assert _comparable(hist_b) == _comparable(hist_a)
+    _assert_same_weights(model_b.state_dict(), model_a.state_dict())
+    # a cached run is another run for resuming (its chunks draw other dropout masks); off, the key is left out
+    model, data = tiny_encoder(seed=0), _data()
+    assert train_mod._fingerprint(cfg, model, data) != train_mod._fingerprint(CFG, model, data)
+    assert train_mod._fingerprint(replace(cfg, grad_cache_chunk=4), model, data) != train_mod._fingerprint(cfg, model, data)
