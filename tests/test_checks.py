@@ -221,8 +221,7 @@ def test_params_and_dvc_yaml_list_every_check():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
     for check in checks.CHECKS:
         assert params[f"on_{check}"] == getattr(PrepareConfig(), f"on_{check}")
-        assert f"prepare.on_{check}" in stage["params"]
-    assert "dprpipe/checks.py" in stage["deps"]
+    assert "prepare" in stage["params"] and "dprpipe/checks.py" in stage["deps"]   # the whole section
 
 
 @pytest.mark.skipif(not SCIFACT.is_dir(), reason="SciFact is not on this machine")
