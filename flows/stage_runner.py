@@ -199,11 +199,16 @@ def _dvc_env() -> dict[str, str]:
     return env
 
 
-def stage_command(stages: list[str], overrides: list[str], message: str | None = None) -> list[str]:
-    """`dvc repro <stages>`, or with overrides `dvc exp run -S ... <stages>` (saved as one experiment)."""
-    if not overrides:
+def stage_command(stages: list[str], overrides: list[str], message: str | None = None,
+                  experiment: str | None = None) -> list[str]:
+    """`dvc repro <stages>`, or with overrides `dvc exp run -S ... <stages>` (saved as one experiment);
+    a named `experiment` runs in a temporary copy of the workspace (`dvc exp run --temp --name`),
+    leaving the workspace as it was."""
+    if not overrides and experiment is None:
         return ["repro", *stages]
     args = ["exp", "run"]
+    if experiment is not None:
+        args += ["--temp", "--name", experiment]
     for item in overrides:
         args += ["-S", item]
     if message:
@@ -214,21 +219,23 @@ def stage_command(stages: list[str], overrides: list[str], message: str | None =
 def _task_run_name() -> str:
     from prefect.runtime import task_run
 
-    return "dvc " + " ".join(task_run.parameters.get("stages", []))
+    name = task_run.parameters.get("experiment")
+    return ("dvc " + " ".join(task_run.parameters.get("stages", []))) + (f" ({name})" if name else "")
 
 
 @task(name="dvc-repro", task_run_name=_task_run_name, cache_policy=NO_CACHE)
-def dvc_repro(workspace: Path, stages: list[str], overrides: list[str]) -> dict:
+def dvc_repro(workspace: Path, stages: list[str], overrides: list[str], experiment: str | None = None) -> dict:
     """Run DVC stages in one `dvc repro` (DVC also reruns whatever upstream of them is stale).
 
     No retries: the stages are compute (and a rerun of the flow continues where DVC stopped).
-    Returns {"targets", "command", "order": stages as DVC met them, "ran": {stage: seconds},
+    With `experiment`, the stages run as that named experiment in a temporary copy (see
+    `stage_command`). Returns {"targets", "command", "order": stages as DVC met them, "ran": {stage: seconds},
     "skipped": [...], "cached": [...], "experiment", "seconds"}. A failing stage raises StageError
     with the end of its output, which is also logged.
     """
     logger = get_run_logger()
     message = f"Prefect flow run {flow_run.name}: {' '.join(stages)}" if flow_run.name else None
-    args = stage_command(stages, overrides, message)
+    args = stage_command(stages, overrides, message, experiment)
     logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
     result = {"targets": list(stages), "command": "dvc " + " ".join(args), "order": [], "ran": {}, "skipped": [],
               "cached": [], "experiment": None, "seconds": 0.0}
