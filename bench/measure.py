@@ -2,7 +2,7 @@
 
 Every figure in `bench/` is a median over `repeats` runs of the same measurement (`timed`);
 peak memory comes from tracemalloc (Python and numpy allocations) or from the peak RSS of a
-child process (`child_peak_rss`, for native libraries such as FAISS and torch).
+child process (`child`, which reports `peak_rss_bytes`; for native libraries such as FAISS and torch).
 """
 
 from __future__ import annotations

@@ -99,8 +99,3 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ValueError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {_clip(value)}")
     return value
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A config as plain JSON-able values (saved next to checkpoints and outputs)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

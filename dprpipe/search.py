@@ -1,8 +1,8 @@
-"""Dense and hybrid search: runs from embeddings, BM25 + dense fusion, and a small CLI.
+"""Hybrid search and a small search CLI.
 
-`dense_run` searches an index with query embeddings; `hybrid_run` fuses a BM25 run and a
-dense run over the union of their hits (the paper reranks the union by BM25 + 1.1 * dense;
-Pyserini min-max normalises each list first, which makes the weight portable across models).
+`hybrid_run` fuses a BM25 run and a dense run over the union of their hits (the paper reranks
+the union by BM25 + 1.1 * dense; Pyserini min-max normalises each list first, which makes the
+weight portable across models). Dense runs come from `index.Searcher`.
 
 CLI (after `dvc repro`):
     python -m dprpipe.search "What causes scurvy?" -k 5
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 from .io import Run
 
 
