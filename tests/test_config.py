@@ -15,12 +15,14 @@ from dprpipe.index import IndexConfig
 from dprpipe.mine import MineConfig
 from dprpipe.model import EncoderConfig
 from dprpipe.prepare import PrepareConfig
+from dprpipe.promote import GateConfig
 from dprpipe.train import TrainConfig
 
 PARAMS = pathlib.Path(__file__).parents[1] / "params.yaml"
 SECTIONS = {"prepare": PrepareConfig, "mine": MineConfig, "model": EncoderConfig, "train": TrainConfig,
-            "encode": EncodeConfig, "index": IndexConfig, "evaluate": EvaluateConfig, "report": ReportConfig}
-"""The config each params.yaml section is read into by its stage."""
+            "encode": EncodeConfig, "index": IndexConfig, "evaluate": EvaluateConfig, "report": ReportConfig,
+            "gate": GateConfig}
+"""The config each params.yaml section is read into by its stage (`gate`: by the release flow)."""
 
 
 @dataclasses.dataclass(frozen=True)
