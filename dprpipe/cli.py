@@ -1,0 +1,65 @@
+"""The `dprpipe` command: `dprpipe serve` runs the search service; `dprpipe search` is the search CLI.
+
+    dprpipe serve [--root promoted] [--host 127.0.0.1] [--port 8000] [--poll 2] [--threads N]
+    dprpipe search "What causes scurvy?" -k 5        (the same as python -m dprpipe.search)
+
+Inputs: argv. Outputs: a running HTTP server (see dprpipe/api.py and docs/serve.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def serve(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="dprpipe serve", description="Serve the promoted release over HTTP.")
+    p.add_argument("--root", default="promoted", help="release root holding current.json (default: promoted)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between checks of current.json (default: 2)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads of the query encoder (default: min(2, cores))")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a query waits for others to share its encoder pass (default: 2)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
+    args = p.parse_args(argv)
+
+    import faiss
+    import torch
+    import uvicorn
+
+    from .api import create_app
+    from .serve import QueryBatcher, Service
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(1)  # one query against SciFact-size flat indexes: threads cost more than they save
+    service = Service(args.root, poll=args.poll, batcher=QueryBatcher(max_wait=args.batch_wait_ms / 1000))
+    service.start()
+    if service.current is None:
+        print(f"serve: no release under {args.root} yet; answering 503 until one is promoted", file=sys.stderr)
+    try:
+        # a larger request-line limit than h11's 16 kB, so an over-long q gets the JSON reason
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
+                    h11_max_incomplete_event_size=64 * 1024)
+    finally:
+        service.stop()
+
+
+def search(argv: list[str]) -> None:
+    from .search import main as search_main
+
+    search_main(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"serve": serve, "search": search}
+    if not argv or argv[0] not in commands:
+        sys.exit("usage: dprpipe {serve,search} ... (dprpipe serve --help)")
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
