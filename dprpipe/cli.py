@@ -9,7 +9,6 @@ Inputs: argv. Outputs: a running HTTP server (see dprpipe/api.py and docs/serve.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -19,8 +18,9 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll", type=float, default=2.0, help="seconds between checks of current.json (default: 2)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                   help="torch threads of the query encoder (default: min(2, cores))")
+    # one thread: a query is a small forward pass, and on a busy CPU torch's threads wait on each
+    # other at every layer (a tiny encoder went from 7 ms to 660 ms per query with 2 under load)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the query encoder (default: 1)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long a query waits for others to share its encoder pass (default: 2)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")

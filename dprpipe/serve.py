@@ -135,12 +135,16 @@ class QueryBatcher:
     """Encode queries from many threads in shared forward passes.
 
     The first waiting query opens a batch; queries arriving within `max_wait` seconds (up to
-    `max_batch`) join it. Queries of different releases (a swap in progress) go in separate
-    passes. One worker thread does all encoding, so torch's threads are not oversubscribed.
+    `max_batch`) join it, but no wait is made once every query `expected()` says is on its way
+    has arrived (a lone client never waits). Queries of different releases (a swap in progress)
+    go in separate passes. One worker thread does all encoding, so torch's threads are not
+    oversubscribed.
     """
 
-    def __init__(self, max_batch: int = 32, max_wait: float = 0.002):
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.002, expected: Callable[[], int] | None = None):
         self.max_batch, self.max_wait = max_batch, max_wait
+        self.expected = expected or (lambda: max_batch)
+        self.passes = 0          # forward passes made (queries / passes = the mean batch)
         self._cond = threading.Condition()
         self._queue: list[tuple[object, str, Future]] = []
         self._closed = False
@@ -172,12 +176,14 @@ class QueryBatcher:
                 if not self._queue:
                     return
                 deadline = time.monotonic() + self.max_wait
-                while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                while (len(self._queue) < min(self.max_batch, max(1, self.expected()))
+                       and (left := deadline - time.monotonic()) > 0):
                     self._cond.wait(left)
                 model = self._queue[0][0]
                 batch = [x for x in self._queue[:self.max_batch] if x[0] is model]
                 taken = {id(x) for x in batch}
                 self._queue = [x for x in self._queue if id(x) not in taken]
+            self.passes += 1
             try:
                 vecs = encode_texts(model, [t for _, t, _ in batch], "query", batch_size=len(batch))
             except BaseException as e:  # the waiting requests fail with it; the worker goes on
@@ -263,6 +269,9 @@ class Service:
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)):
         self.root, self.poll, self.loader, self.log = Path(root), poll, loader, log
         self.batcher = batcher or QueryBatcher()
+        self._encoding = 0                  # requests in flight that need a query vector
+        self._lock = threading.Lock()
+        self.batcher.expected = lambda: self._encoding
         self._current: LoadedRelease | None = None
         self._failed: str | None = None     # a version that failed to load: not retried until current.json changes
         self._stop = threading.Event()
@@ -318,6 +327,15 @@ class Service:
         if rel is None:
             raise BadRequest(f"no release is promoted yet under {self.root}", 503)
         req = parse_request(query_string, rel.n_docs)
-        hits = rel.search(req, self.batcher.encode)
+        if req.mode == "bm25":
+            hits = rel.search(req, self.batcher.encode)
+        else:
+            with self._lock:
+                self._encoding += 1
+            try:
+                hits = rel.search(req, self.batcher.encode)
+            finally:
+                with self._lock:
+                    self._encoding -= 1
         return {"query": req.q, "mode": req.mode, "k": req.k, "version": rel.version,
                 "hits": [asdict(h) for h in hits], "took_ms": round((time.perf_counter() - t0) * 1000, 3)}

@@ -8,7 +8,6 @@ under concurrent requests; the page is driven in headless Chromium.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import threading
@@ -139,7 +138,7 @@ def test_batched_encoding_equals_one_at_a_time(service):
     """Queries encoded together in one padded pass give the vectors they get alone."""
     rel = service.current
     out: dict[str, object] = {}
-    batcher = QueryBatcher(max_wait=0.2)  # long enough that the threads' queries share a pass
+    batcher = QueryBatcher(max_wait=30, expected=lambda: len(QUESTIONS))  # all four share one pass
     try:
         threads = [threading.Thread(target=lambda q=q: out.__setitem__(q, batcher.encode(rel.model, q)))
                    for q in QUESTIONS]
@@ -149,6 +148,7 @@ def test_batched_encoding_equals_one_at_a_time(service):
             t.join()
     finally:
         batcher.close()
+    assert batcher.passes == 1
     for q in QUESTIONS:
         assert out[q] == pytest.approx(direct_encode(rel.model, q), abs=1e-5)
 
