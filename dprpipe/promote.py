@@ -31,7 +31,6 @@ from .release import RELEASES, Release, read_release, release_dir
 
 ARTIFACT = "dpr"   # the model's name in the GTO registry (git tags dpr@v1.0.0, dpr#prod#1)
 BM25_KEYS = ("k1", "b", "epsilon", "stemmer", "stopwords", "use_title")   # what BM25 scoring needs of `mine`
-HYBRID_KEYS = ("hybrid_weight", "hybrid_normalize")                       # what fusion needs of `evaluate`
 _VERSION = re.compile(r"v([1-9][0-9]*)")
 
 
@@ -174,7 +173,7 @@ def release_record(version: str, revision: str, metrics: Mapping[str, Any], mine
     """release.json: what the release was made from and promoted with.
 
     `bm25` holds the `mine` params BM25 scoring needs (the service scores queries with them) and
-    `hybrid` the `evaluate` params of the fusion; `outputs` the DVC hashes (dvc.lock) of what the
+    `hybrid` the `evaluate` params of the fusion (hybrid_weight, hybrid_normalize as weight, normalize); `outputs` the DVC hashes (dvc.lock) of what the
     release copies; `git_tag` is its GTO registration.
     """
     when = (time or datetime.now(timezone.utc)).astimezone(timezone.utc)
@@ -184,7 +183,7 @@ def release_record(version: str, revision: str, metrics: Mapping[str, Any], mine
         "git_tag": f"{ARTIFACT}@{gto_version(version)}",
         "metrics": {s: dict(m) for s, m in metrics.items()},
         "bm25": {k: getattr(mine, k) for k in BM25_KEYS},
-        "hybrid": {k: getattr(evaluate, k) for k in HYBRID_KEYS},
+        "hybrid": {"weight": evaluate.hybrid_weight, "normalize": evaluate.hybrid_normalize},
         "outputs": dict(outputs or {}),
         "time": when.isoformat(timespec="seconds"),
     }

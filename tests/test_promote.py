@@ -134,7 +134,7 @@ def test_release_record():
     assert rec == {
         "version": "v2", "git_revision": "f" * 40, "git_tag": "dpr@v2.0.0", "metrics": PROMOTED,
         "bm25": {"k1": 1.2, "b": 0.4, "epsilon": 0.25, "stemmer": "none", "stopwords": True, "use_title": True},
-        "hybrid": {"hybrid_weight": 0.5, "hybrid_normalize": True},
+        "hybrid": {"weight": 0.5, "normalize": True},
         "outputs": {"models/dpr": "abc.dir"}, "time": "2026-12-03T16:30:00+00:00"}
     assert json.loads(json.dumps(rec)) == rec, "release.json is plain JSON"
 
