@@ -52,7 +52,7 @@ REPORT = "reports/experiments.md"             # its output
 # the outputs a record is read from (dvc.yaml's train and evaluate stages)
 OUTPUTS = {"retrieval_json": "metrics/retrieval.json", "train_json": "metrics/train.json",
            "train_csv": "plots/train.csv", "recall_csv": "plots/recall.csv"}
-IGNORED_PARAMS = ("report.",)   # params no experiment reads: changing them must not rerun anything
+IGNORED_PARAMS = ("report.", "gate.")   # params no experiment reads: changing them must not rerun anything
 
 
 # ---------------------------------------------------------------- the plan
@@ -226,6 +226,13 @@ def list_experiments(ws: Path) -> tuple[dict[str, Any], list[Found]]:
     return parse_exp_show(json.loads(dvc(ws, "exp", "show", "--json")))
 
 
+@task(name="push-experiments", retries=3, retry_delay_seconds=[10, 30, 90], cache_policy=NO_CACHE)
+def push_experiments(ws: Path, names: list[str], git_remote: str = "origin") -> str:
+    """`dvc exp push <git_remote> <names>`: the experiments' git refs to the git remote and their
+    outputs to the default DVC remote. I/O only, so it is retried."""
+    return dvc(ws, "exp", "push", git_remote, *names)
+
+
 @task(name="remove-experiment", cache_policy=NO_CACHE)
 def remove_experiment(ws: Path, name: str) -> None:
     """Remove HEAD's experiment `name`, which ran with other params (DVC refuses to run a name twice)."""
@@ -269,7 +276,7 @@ def experiment_set(ws_params: dict[str, Any], records: list[Record]) -> Experime
 
 @flow(name="experiments")
 def experiments(workspace: str = ".", seeds: list[int] | None = None, variants: list[str] | None = None,
-                lock_timeout: float = 3600.0):
+                lock_timeout: float = 3600.0, push: bool = False):
     """Run (or reuse) the experiment set of the paper's claims and write its report.
 
     Args:
@@ -277,6 +284,8 @@ def experiments(workspace: str = ".", seeds: list[int] | None = None, variants: 
         seeds: `train.seed` values; every variant runs once per seed (default [13]).
         variants: names from `dprpipe.claims.VARIANTS` (default: all of them).
         lock_timeout: seconds to wait for another flow run on this workspace before skipping.
+        push: push the set's experiments with `dvc exp push origin <names>` (git refs to the git
+            remote `origin`, outputs to the default DVC remote).
     """
     logger = get_run_logger()
     ws = resolve_workspace(workspace)
@@ -337,6 +346,9 @@ def experiments(workspace: str = ".", seeds: list[int] | None = None, variants: 
             logger.info("wrote %s (%d runs)", RECORDS, len(records))
         else:
             logger.info("%s unchanged (%d runs)", RECORDS, len(records))
+        if push and (names := [p.name for p in runs if p not in local]):
+            push_experiments(ws, names)
+            summary["pushed"] = names
         report = dvc_repro(ws, [REPORT_STAGE], [])
         summary["report"] = "ran" if REPORT_STAGE in report["ran"] else "unchanged"
         create_markdown_artifact(key="experiments-report", markdown=(ws / REPORT).read_text(encoding="utf-8"),
@@ -353,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT",
                    help=f"variants to run (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--lock-timeout", type=float, default=3600.0, help="seconds to wait for a busy workspace")
+    p.add_argument("--push", action="store_true", help="push the experiments: dvc exp push origin <names>")
     args = p.parse_args(argv)
     from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED as ANALYTICS
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP, temporary_settings
@@ -361,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     # its telemetry heartbeat only fails on a closed network (and races the new database: "locked")
     with temporary_settings({STARTUP: max(STARTUP.value(), 120), ANALYTICS: False}):
         state = experiments(workspace=args.workspace, seeds=args.seeds, variants=args.variants,
-                            lock_timeout=args.lock_timeout, return_state=True)
+                            lock_timeout=args.lock_timeout, push=args.push, return_state=True)
     if not state.is_completed() or state.name == "Skipped":
         print(f"experiments: {state.name}: {state.message or ''}", file=sys.stderr)
         return 1
