@@ -254,12 +254,3 @@ def test_empty_corpus_raises():
 def test_bad_params_raise(k1, b):
     with pytest.raises(ValueError, match="k1"):
         BM25Params(k1=k1, b=b)
-
-
-def test_docstring_examples():
-    import doctest
-
-    import dprpipe.bm25 as module
-
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0

@@ -85,13 +85,6 @@ def test_enforce_error_and_warn():
     assert len(lines) == 1
 
 
-def test_docstring_examples():
-    import doctest
-
-    result = doctest.testmod(checks)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # ---------------------------------------------------------------- policies in prepare
 
 def write_beir(folder: Path, corpus, queries, qrels) -> Path:

@@ -132,12 +132,3 @@ def test_parse_csv_of_the_stage_outputs():
                                 {"epoch": 1, "loss": 0.61488, "val_ndcg@10": 0.7839, "val_avg_rank": 1.531}]
     with pytest.raises(ValueError, match="2 cells, the header 3"):
         parse_csv("k,a,b\n1,2\n")
-
-
-def test_docstring_examples():
-    import doctest
-
-    import dprpipe.claims
-
-    result = doctest.testmod(dprpipe.claims)
-    assert result.attempted > 0 and result.failed == 0

@@ -131,15 +131,6 @@ def test_config_defaults_are_the_params_yaml_values(section):
     assert differ == {}, f"{cls.__name__} default vs params.yaml {section}: {differ}"
 
 
-def test_docstring_examples():
-    import doctest
-
-    import dprpipe.config as module
-
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # ---------------------------------------------------------------- errors name the key, and the params file its line
 
 

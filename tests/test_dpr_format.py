@@ -290,12 +290,3 @@ def test_empty_and_compact_lists(tmp_path):
     assert list(iter_json_array(path)) == []
     path.write_text('[{"a": 1},{"a": [2, 3]} , {"a": "]"}]')
     assert list(iter_json_array(path, chunk_size=3)) == [(1, {"a": 1}), (1, {"a": [2, 3]}), (1, {"a": "]"})]
-
-
-@pytest.mark.parametrize("module", ["dprpipe.dpr_format"])
-def test_docstring_examples(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module))
-    assert result.attempted > 0 and result.failed == 0

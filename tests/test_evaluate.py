@@ -205,15 +205,6 @@ def test_config_default_ignores_identical_ids():
     assert EvaluateConfig().ignore_identical_ids is True
 
 
-def test_docstring_examples():
-    import doctest
-
-    import dprpipe.evaluate as module
-
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # ---------------------------------------------------------------- against pytrec_eval
 
 KS = tuple(sorted(set(EvaluateConfig().ks) | set(EvaluateConfig().curve_ks) | {2, 3}))

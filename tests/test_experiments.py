@@ -119,15 +119,6 @@ def test_pipeline_files_changed_and_untracked(tmp_path):
     assert changed(ws, files) == ["stages/evaluate.py"]
 
 
-def test_docstring_examples():
-    import doctest
-
-    import flows.experiments
-
-    result = doctest.testmod(flows.experiments)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # ---------------------------------------------------------------- the flow, end to end
 
 

@@ -311,15 +311,6 @@ def test_a_carriage_return_does_not_end_a_line(tmp_path):
     assert e.value.line == 3
 
 
-def test_docstring_examples():
-    import doctest
-
-    import dprpipe.io as module
-
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_unreadable_file_is_a_data_error(tmp_path, monkeypatch):
     import builtins
 

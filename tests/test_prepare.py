@@ -131,12 +131,3 @@ def test_prepare_rejects_duplicate_ids(tmp_path):
     folder = write_beir(tmp_path / "b", corpus, BEIR_QUERIES, {"test": [("q2", "d2", 1)]})
     with pytest.raises(DataError, match="duplicate passage id 'd1'"):
         prepare(PrepareConfig(dataset=str(folder)))
-
-
-@pytest.mark.parametrize("module", ["dprpipe.prepare", "dprpipe.raw"])
-def test_docstring_examples(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module))
-    assert result.attempted > 0 and result.failed == 0

@@ -143,13 +143,3 @@ def test_committed_report_equals_what_the_records_give():
             assert (ROOT / path).read_text(encoding="utf-8") == data.decode("utf-8"), f"{path} {stale}"
         else:
             assert (ROOT / path).read_bytes() == data, f"{path} {stale} (or matplotlib changed its PNG output)"
-
-
-def test_docstring_examples():
-    import doctest
-
-    import dprpipe.report
-
-    for module in (dprpipe.report,):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__

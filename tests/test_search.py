@@ -62,12 +62,3 @@ def test_queries_in_only_one_run_and_constant_lists():
 def test_empty_runs():
     assert hybrid_run({}, {}) == {}
     assert hybrid_run({"q": []}, {"q": []}) == {"q": []}
-
-
-def test_docstring_example():
-    import doctest
-
-    import dprpipe.search as module
-
-    result = doctest.testmod(module)
-    assert result.attempted >= 1 and result.failed == 0

@@ -232,12 +232,3 @@ def test_analyzer_splits_on_non_word_characters():
 def test_unknown_stemmer_raises_naming_it():
     with pytest.raises(ValueError, match="klingon"):
         Analyzer(stemmer="klingon")
-
-
-def test_docstring_examples():
-    import doctest
-
-    import dprpipe.text as module
-
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
