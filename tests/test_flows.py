@@ -2,10 +2,11 @@
 
 The flow tests share one workspace and run in file order, like a user would: the four stage
 flows one after the other, then the pipeline with nothing changed (DVC skips every stage) and
-after a params change (only the affected stages rerun), a run with `-S` overrides and a params
-file, a failing stage, and a busy workspace. They run under `prefect_test_harness`. The
-end-to-end test (slow) starts a real Prefect server on 127.0.0.1, serves the deployments as the
-README does, triggers the pipeline through the REST API and waits for it to complete.
+with a params override (only the affected stages rerun, each subflow saves an experiment), a
+run with `-S` overrides and a params file, a failing stage, and a busy workspace. They run
+under `prefect_test_harness`. The end-to-end test (slow) starts a real Prefect server on
+127.0.0.1, serves the deployments as the README does, triggers the pipeline through the REST API
+and waits for it to complete.
 """
 
 from __future__ import annotations
@@ -225,14 +226,20 @@ def test_pipeline_with_nothing_changed_runs_no_stage(tiny_workspace, harness):
     assert f"| dpr | {metrics['dpr']['ndcg@10']:.4f} (=) |" in report      # no change against HEAD
 
 
-def test_pipeline_after_a_params_change_reruns_only_affected_stages(tiny_workspace, harness):
+def test_pipeline_after_a_params_override_reruns_only_affected_stages(tiny_workspace, harness):
     from flows.pipeline import pipeline
 
     run_file = tiny_workspace / "data" / "runs" / "dpr.tsv"
     before = run_file.read_bytes()
-    set_params(tiny_workspace, {"index.kind": "hnsw"})     # read by `index` only (not index_zeroshot: --exact)
-    state, result = run_flow(pipeline, tiny_workspace)
+    # read by `index` only (not index_zeroshot: --exact)
+    state, result = run_flow(pipeline, tiny_workspace, overrides=["index.kind=hnsw"])
     assert state.is_completed(), state.message
+    # every subflow got the override: each ran `dvc exp run -S` (a plain `dvc repro` saves no
+    # experiment), DVC applied it to the workspace, and the artifact names it
+    assert len(set(result["experiments"])) == 4, result["experiments"]
+    listed = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], tiny_workspace).stdout.split()
+    assert set(result["experiments"]) <= set(listed), listed
+    assert yaml.safe_load((tiny_workspace / "params.yaml").read_text())["index"]["kind"] == "hnsw"
     # evaluate reads the run file, not the params: DVC reruns it only if HNSW ranked differently. On a
     # tiny corpus HNSW is exact, and where flat and HNSW share one SIMD kernel (AVX-512) the scores are
     # bit for bit the same, so the run file may not change at all
@@ -242,6 +249,7 @@ def test_pipeline_after_a_params_change_reruns_only_affected_stages(tiny_workspa
     assert json.loads((tiny_workspace / "data" / "index" / "dpr" / "index.json").read_text())["kind"] == "hnsw"
     report = artifact(state, "pipeline-metrics")
     assert "| index | **ran** |" in report and "| train | unchanged, skipped | |" in report
+    assert "Overrides: `index.kind=hnsw` (`dvc exp run -S`)" in report
     commit(tiny_workspace, "hnsw")
 
 
@@ -262,27 +270,6 @@ def test_overrides_and_a_params_file_run_a_dvc_experiment(tiny_workspace, harnes
     assert "Overrides: `evaluate.hybrid_weight=0.5`, `evaluate.ks=[1,10]` (`dvc exp run -S`)" in report
     run(["git", "checkout", "params.yaml"], tiny_workspace)
     (tiny_workspace / "variant.yaml").unlink()
-
-
-def test_pipeline_hands_one_set_of_overrides_to_every_subflow(tmp_path, monkeypatch):
-    # the wiring only (no Prefect engine, no DVC): subflows, metrics and the artifact are stubbed
-    import flows.pipeline as module
-
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "dvc.yaml").write_text("stages: {}\n")
-    (ws / "params.yaml").write_text(yaml.safe_dump({"prepare": {"dataset": "a"}, "train": {"epochs": 1}}))
-    calls = []
-    for name in ("mining", "training", "encoding", "evaluation"):
-        monkeypatch.setattr(module, name, lambda name=name, **kw: calls.append((name, kw)) or
-                            {"ran": {name: 1.0}, "skipped": [], "cached": [], "experiments": [f"exp-{name}"]})
-    monkeypatch.setattr(module, "read_metrics", lambda ws: {"retrieval": None, "diff": {}})
-    monkeypatch.setattr(module, "publish", lambda *args: calls.append(("publish", args[4])))
-    result = module.pipeline.fn(workspace=str(ws), dataset="b", overrides=["train.epochs=2"], lock_timeout=0)
-    sets = ["prepare.dataset='b'", "train.epochs=2"]
-    assert calls == [(name, {"workspace": str(ws), "overrides": sets, "lock_timeout": 0})
-                     for name in ("mining", "training", "encoding", "evaluation")] + [("publish", sets)]
-    assert list(result["ran"]) == ["mining", "training", "encoding", "evaluation"] and len(result["experiments"]) == 4
 
 
 def test_a_failing_stage_fails_the_flow_with_its_error(tiny_workspace, harness):
