@@ -27,7 +27,7 @@ import yaml
 from flow_fixtures import ROOT, commit, flow_env, run, set_params, tiny_workspace  # noqa: F401
 
 from flows.stage_runner import (ENCODING, EVALUATION, LOCK_FILE, MINING, TRAINING, build_overrides, hydra_value,
-                                stage_command, summary)
+                                summary)
 
 ALL_STAGES = [*MINING, *TRAINING, *ENCODING, *EVALUATION]
 
@@ -107,9 +107,6 @@ def test_overrides_from_flow_parameters(tmp_path):
         from flows.stage_runner import resolve_workspace
         resolve_workspace(ws)
     assert hydra_value(None) == "null" and hydra_value(False) == "false" and hydra_value(0.5) == "0.5"
-    assert stage_command(["prepare", "mine"], []) == ["repro", "prepare", "mine"]
-    assert stage_command(["train"], ["train.epochs=3", "train.seed=1"], "m") == [
-        "exp", "run", "-S", "train.epochs=3", "-S", "train.seed=1", "-m", "m", "train"]
 
 
 def test_summary_counts_a_stage_once():
