@@ -141,6 +141,18 @@ def section_tables(r: dict) -> list[tuple[str, str]]:
                          t["default"]["median_step_s"], t["default"]["questions_per_s"],
                          ", ".join(f"{v:.4f}" for v in t["default"]["losses"])],
                     ])))
+    if t and t.get("grad_cache"):
+        g, load = t["grad_cache"]["configs"], t["grad_cache"]["load"]
+        out.append((f"Gradient caching (train.grad_cache_chunk) on {t['grad_cache']['cpu']}, load {load['start']:.1f}-"
+                    f"{load['end']:.1f} (shared CPU: questions/s may be depressed): each configuration in a fresh "
+                    f"process, default precision (bf16 autocast: {fmt(g[0]['uses_bf16'])}), {g[0]['torch_threads']} "
+                    f"torch threads; median of {g[0]['steps_timed']} steps ({g[-1]['steps_timed']} above 32 questions) "
+                    "after a warm-up step of 32; peak RSS of the process, and above its RSS with model and data loaded",
+                    table(["batch", "chunk", "texts/step", "s/step", "questions/s", "peak RSS MB", "above loaded MB",
+                           "load (1 min) start-end"],
+                          [[c["batch_size"], c["grad_cache_chunk"] or "off", c["texts_per_step"], c["median_step_s"],
+                            c["questions_per_s"], c["peak_rss_mb"], c["peak_above_baseline_mb"],
+                            "-".join(f"{v:.1f}" for v in c.get("load", []))] for c in g])))
     x = r.get("index")
     if x and "big" in x:
         rows = []

@@ -10,15 +10,29 @@ the step losses of both (equal losses mean the default runs the fp32 computation
 
 Each step is the train stage's: `train.epoch_batches` batches, `train.batch_loss` under the
 configured autocast, backward, gradient clipping and an AdamW step.
+
+Gradient caching (`train.grad_cache_chunk`): peak RSS and questions/s of training steps at
+batch 32, 128 and 256 with chunks of 32, beside batch 32 and 128 without caching, each in a
+fresh process (`grad_cache_child`) so one configuration's peak does not hide another's. A
+configuration runs one warm-up step of 32 questions (same chunking: the kernels of its shapes),
+then `repeats` steps (at most 2 above 32 questions) over distinct training questions
+(`train.step_gradients`, as the train stage runs it; the default precision); the figures are the
+median step and the process's peak RSS (VmHWM), also above its RSS once model and data are loaded.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
-from measure import section_config
+from measure import child, section_config
+
+# (questions per batch, grad_cache_chunk): 0 = no caching, the reference
+GRAD_CACHE_CONFIGS = ((32, 0), (32, 32), (128, 32), (256, 32), (128, 0))
 
 
 def _steps(precision: str, data, cfg, enc_cfg, n_steps: int) -> dict:
@@ -49,9 +63,92 @@ def _steps(precision: str, data, cfg, enc_cfg, n_steps: int) -> dict:
             "questions_per_s": cfg.batch_size / median, "losses": losses}
 
 
+def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, steps: int) -> dict:
+    """Runs in a fresh process: `steps` training steps of `batch_size` questions, caching in `chunk`s."""
+    from measure import load_average, peak_rss_bytes, rss_bytes
+
+    from dprpipe.model import DualEncoder, EncoderConfig, native_bf16
+    from dprpipe.prepare import read_dataset
+    from dprpipe.train import TrainConfig, TrainData, epoch_batches, seed_everything, step_gradients
+
+    enc_cfg = section_config(EncoderConfig, "model")
+    cfg = replace(section_config(TrainConfig, "train"), batch_size=batch_size, grad_cache_chunk=chunk,
+                  grad_accumulation=1)
+    ds = read_dataset(data)
+    data_ = TrainData(corpus=ds.corpus, train=[q for q in ds.splits["train"] if q.positives], dev=[],
+                      negatives=json.loads(Path(negatives).read_text()))
+    seed_everything(cfg.seed)
+    model, _ = DualEncoder.load(enc_cfg.model, enc_cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pid_index = {p.id: i for i, p in enumerate(data_.corpus)}
+    warmup = epoch_batches(data_, replace(cfg, batch_size=min(32, batch_size)), 1, pid_index)[0]
+    batches = [b for b in epoch_batches(data_, cfg, 0, pid_index) if len(b) == batch_size][:steps]
+    if len(batches) < steps:
+        raise ValueError(f"{len(data_.train)} training questions give {len(batches)} batches of {batch_size}")
+    baseline = rss_bytes()
+    load0 = load_average()[0]
+    seconds, losses = [], []
+    for batch in [warmup, *batches]:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = step_gradients(model, None, [batch], data_.corpus, pid_index, cfg)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss)
+    timed_s = seconds[1:]
+    median = sorted(timed_s)[len(timed_s) // 2]
+    peak = peak_rss_bytes()
+    return {"batch_size": batch_size, "grad_cache_chunk": chunk, "steps_timed": steps,
+            "texts_per_step": batch_size * (2 + cfg.hard_negatives), "step_s": timed_s, "warmup_s": seconds[0],
+            "median_step_s": median, "questions_per_s": batch_size / median, "losses": losses[1:],
+            "baseline_rss_mb": baseline / 2**20, "peak_rss_mb": peak / 2**20,
+            "peak_above_baseline_mb": max(0, peak - baseline) / 2**20, "load": [load0, load_average()[0]],
+            "uses_bf16": enc_cfg.precision == "bf16" or (enc_cfg.precision == "auto"
+                                                          and native_bf16(torch.device("cpu"))),
+            "torch_threads": torch.get_num_threads()}
+
+
+def grad_cache(data: str, quick: bool, repeats: int, negatives: dict) -> dict:
+    """Each of `GRAD_CACHE_CONFIGS` (quick: batches of 4 and 8, chunks of 4) in its own process.
+
+    Batches above 32 questions time min(repeats, 2) steps: one such step already runs 8 to 16 chunks
+    of each kind twice (an average in itself), and 3 steps of 256 would be most of the section's time.
+    The CPU and the load are recorded with the figures (they may be merged into an earlier run's results).
+    """
+    from measure import busy_processes, cpu_model, load_average
+
+    configs = ((4, 0), (4, 4), (8, 4)) if quick else GRAD_CACHE_CONFIGS
+    load0 = load_average()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "negatives.json"
+        path.write_text(json.dumps(negatives))
+        runs = [child("train_bench", "grad_cache_child", data=data, negatives=str(path), batch_size=b, chunk=c,
+                      steps=1 if quick else repeats if b <= 32 else min(repeats, 2))
+                for b, c in configs]
+    return {"cpu": cpu_model(), "configs": runs,
+            "load": {"start": load0, "end": load_average()[0], "others_busy_at_end": busy_processes()}}
+
+
+def _mined(ds) -> tuple[list, dict[str, list[str]]]:
+    """The judged training questions and their BM25 negatives (params.yaml's `mine` settings)."""
+    from dprpipe.mine import MineConfig, Miner
+
+    train = [q for q in ds.splits["train"] if q.positives]
+    miner = Miner(ds.corpus, section_config(MineConfig, "mine"))
+    return train, {qid: [d for d, _ in hits] for qid, hits in miner.negatives(train).items()}
+
+
+def grad_cache_section(data: str, quick: bool, repeats: int) -> dict:
+    """`grad_cache` on its own, e.g. to add its figures to an earlier run's results."""
+    from dprpipe.prepare import read_dataset
+
+    return grad_cache(data, quick, repeats, _mined(read_dataset(data))[1])
+
+
 def run(data: str, quick: bool, repeats: int) -> dict:
     from dprpipe.prepare import read_dataset
-    from dprpipe.mine import MineConfig, Miner
     from dprpipe.model import EncoderConfig, native_bf16
     from dprpipe.train import TrainConfig, TrainData
 
@@ -61,9 +158,8 @@ def run(data: str, quick: bool, repeats: int) -> dict:
         cfg = replace(cfg, batch_size=4)
     ds = read_dataset(data)
     n_steps = 1 if quick else repeats
-    train = [q for q in ds.splits["train"] if q.positives][:cfg.batch_size * (n_steps + 1)]
-    miner = Miner(ds.corpus, section_config(MineConfig, "mine"))
-    negatives = {qid: [d for d, _ in hits] for qid, hits in miner.negatives(train).items()}
+    all_train, negatives = _mined(ds)
+    train = all_train[:cfg.batch_size * (n_steps + 1)]
     data_ = TrainData(corpus=ds.corpus, train=train, dev=[], negatives=negatives)
 
     fp32 = _steps("fp32", data_, cfg, enc_cfg, n_steps)
@@ -77,4 +173,5 @@ def run(data: str, quick: bool, repeats: int) -> dict:
         "fp32": fp32, "default": default,
         "ratio": default["questions_per_s"] / fp32["questions_per_s"],
         "same_losses": fp32["losses"] == default["losses"],
+        "grad_cache": grad_cache(data, quick, repeats, negatives),
     }
