@@ -37,7 +37,8 @@ GRAD_CACHE_CONFIGS = ((32, 0), (32, 32), (128, 32), (256, 32), (128, 0))
 
 def _steps(precision: str, data, cfg, enc_cfg, n_steps: int) -> dict:
     from dprpipe.model import DualEncoder, autocast
-    from dprpipe.train import batch_loss, epoch_batches, seed_everything
+    from dprpipe.loss import batch_loss
+    from dprpipe.train import epoch_batches, seed_everything
 
     seed_everything(cfg.seed)
     model, _ = DualEncoder.load(enc_cfg.model, replace(enc_cfg, precision=precision))
@@ -69,7 +70,8 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
 
     from dprpipe.model import DualEncoder, EncoderConfig, native_bf16
     from dprpipe.prepare import read_dataset
-    from dprpipe.train import TrainConfig, TrainData, epoch_batches, seed_everything, step_gradients
+    from dprpipe.loss import step_gradients
+    from dprpipe.train import TrainConfig, TrainData, epoch_batches, seed_everything
 
     enc_cfg = section_config(EncoderConfig, "model")
     cfg = replace(section_config(TrainConfig, "train"), batch_size=batch_size, grad_cache_chunk=chunk,

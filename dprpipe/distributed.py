@@ -174,3 +174,19 @@ def torchrun_command(script: str | os.PathLike, args: Sequence[str], nproc: int,
     """
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
             f"--master-addr={host}", f"--master-port={port or free_port(host)}", str(Path(script)), *args]
+def rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's torch RNG states: the CPU generator's, and its CUDA device's (None without CUDA)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def rng_states() -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every rank's RNG states (a collective: all ranks call it at the same step)."""
+    return all_gather_object(rng_state())
+
+
+def set_rng_state(cpu: torch.Tensor, cuda: torch.Tensor | None) -> None:
+    torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_available():   # dropout on a GPU draws from the device's generator
+        torch.cuda.set_rng_state(cuda)
+
+

@@ -510,7 +510,7 @@ def test_a_pickle_planted_in_the_training_state_never_runs(tmp_path, capsys, mon
 
     from dense_fixtures import tiny_encoder, toy_corpus, toy_negatives, toy_queries
 
-    import dprpipe.train as train_mod
+    import dprpipe.loss as loss_mod
     from dprpipe.io import write_checksums
     from dprpipe.train import TrainConfig, TrainData, state_folder, train
 
@@ -521,7 +521,7 @@ def test_a_pickle_planted_in_the_training_state_never_runs(tmp_path, capsys, mon
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "batch_loss", interrupted)   # killed in its first step: a state is left
+    monkeypatch.setattr(loss_mod, "batch_loss", interrupted)   # killed in its first step: a state is left
     with pytest.raises(KeyboardInterrupt):
         train(tiny_encoder(), data, cfg, tmp_path / "out", tmp_path / "state", progress=False)
     monkeypatch.undo()

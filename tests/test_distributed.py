@@ -25,8 +25,9 @@ from torch import nn
 from dprpipe import distributed
 from dprpipe.model import DualEncoder
 from dprpipe.records import Query
-from dprpipe.train import (TrainConfig, TrainData, _ddp, _fingerprint, epoch_batches, gathered_order, step_gradients,
-                           train)
+from dprpipe.checkpoint import fingerprint as _fingerprint
+from dprpipe.loss import gathered_order, step_gradients
+from dprpipe.train import TrainConfig, TrainData, _ddp, epoch_batches, train
 
 WORLD = 2
 BASE = TrainConfig(epochs=2, hard_negatives=1, negative_pool=3, lr=3e-3, warmup_ratio=0.0, temperature=0.1,
@@ -121,18 +122,18 @@ def _rank_main(rank: int, port: int, root: str) -> None:
 
 def _interrupted_run(folder: Path, cfg: TrainConfig, encoder: dict, n_train: int) -> None:
     """Every rank's run stopped in its first step, leaving the resumable state saved before it."""
-    import dprpipe.train as train_mod
+    import dprpipe.loss as loss_mod
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    real, train_mod.distributed_batch_loss = train_mod.distributed_batch_loss, interrupted
+    real, loss_mod.distributed_batch_loss = loss_mod.distributed_batch_loss, interrupted
     try:
         train(_model(encoder), _data(n_train), cfg, folder / "out", folder / "state", progress=False)
     except KeyboardInterrupt:
         pass
     finally:
-        train_mod.distributed_batch_loss = real
+        loss_mod.distributed_batch_loss = real
 
 
 @pytest.fixture(scope="module")

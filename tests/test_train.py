@@ -13,10 +13,14 @@ import torch
 from dense_fixtures import single_thread  # noqa: F401 (autouse: one thread)
 from dense_fixtures import TOPICS, tiny_encoder, toy_corpus, toy_negatives, toy_queries
 
+import dprpipe.distributed as dist_mod
+import dprpipe.loss as loss_mod
 import dprpipe.train as train_mod
+from dprpipe.checkpoint import fingerprint
 from dprpipe.records import Passage, Query
 from dprpipe.model import DualEncoder, compute_loss, compute_similarity, passage_texts
-from dprpipe.train import TrainConfig, TrainData, batch_loss, epoch_batches, train
+from dprpipe.loss import batch_loss
+from dprpipe.train import TrainConfig, TrainData, epoch_batches, train
 
 # ---------------------------------------------------------------- sampling (no model)
 
@@ -209,7 +213,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monke
     out, state = tmp_path / "out", tmp_path / "state"
 
     # run B: killed during the 4th step of epoch 1, after the checkpoint taken at step 3
-    real_batch_loss, calls = train_mod.batch_loss, []
+    real_batch_loss, calls = loss_mod.batch_loss, []
 
     def dying_batch_loss(*args, **kwargs):
         calls.append(1)
@@ -217,7 +221,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monke
             raise KeyboardInterrupt
         return real_batch_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "batch_loss", dying_batch_loss)
+    monkeypatch.setattr(loss_mod, "batch_loss", dying_batch_loss)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_encoder(seed=0, **ENCODER), _data(), CFG, out, state, progress=False)
     monkeypatch.undo()
@@ -243,7 +247,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(run_a, tmp_path, monke
 
 def _interrupted_state(tmp_path, monkeypatch) -> Path:
     """The state folder of a run killed during the 4th step of epoch 1 (saved after step 3)."""
-    real_batch_loss, calls = train_mod.batch_loss, []
+    real_batch_loss, calls = loss_mod.batch_loss, []
 
     def dying_batch_loss(*args, **kwargs):
         calls.append(1)
@@ -251,7 +255,7 @@ def _interrupted_state(tmp_path, monkeypatch) -> Path:
             raise KeyboardInterrupt
         return real_batch_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "batch_loss", dying_batch_loss)
+    monkeypatch.setattr(loss_mod, "batch_loss", dying_batch_loss)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_encoder(seed=0, **ENCODER), _data(), CFG, tmp_path / "killed_out", tmp_path / "state",
               progress=False)
@@ -325,22 +329,22 @@ def test_state_of_a_different_config_is_left_alone(run_a, tmp_path, monkeypatch,
 
 def test_resume_fingerprint_counts_the_world_size_not_the_nproc_setting():
     model, data = tiny_encoder(seed=0), TrainData(toy_corpus(), *toy_queries(), toy_negatives())
-    one = train_mod._fingerprint(CFG, model, data)
+    one = fingerprint(CFG, model, data)
     # the setting alone changes nothing (a single process saved the state the same way before it existed)
-    assert train_mod._fingerprint(replace(CFG, nproc=4), model, data) == one
+    assert fingerprint(replace(CFG, nproc=4), model, data) == one
     # a state saved by 2 ranks (global batch 2 * batch_size) is another run
-    assert train_mod._fingerprint(CFG, model, data, world_size=2) != one
-    assert train_mod._fingerprint(replace(CFG, epochs=4), model, data) != one
+    assert fingerprint(CFG, model, data, world_size=2) != one
+    assert fingerprint(replace(CFG, epochs=4), model, data) != one
 
 
 # ---------------------------------------------------------------- gradient caching
 
 
 def test_grad_cache_steps_cover_every_row_once_in_chunks():
-    assert train_mod.grad_cache_steps(5, 7, 3) == [(range(0, 3), None), (range(3, 5), None), (None, range(0, 3)),
+    assert loss_mod.grad_cache_steps(5, 7, 3) == [(range(0, 3), None), (range(3, 5), None), (None, range(0, 3)),
                                                    (None, range(3, 6)), (None, range(6, 7))]
     for nq, np_, chunk in [(1, 1, 1), (4, 12, 4), (7, 21, 5), (3, 3, 100)]:
-        steps = train_mod.grad_cache_steps(nq, np_, chunk)
+        steps = loss_mod.grad_cache_steps(nq, np_, chunk)
         assert [i for q, _ in steps if q for i in q] == list(range(nq))
         assert [i for _, p in steps if p for i in p] == list(range(np_))
         assert all(len(r) <= chunk for step in steps for r in step if r)
@@ -366,7 +370,7 @@ def _grads(model):
 
 def _uncached_grads(model, batch, corpus, pid, cfg):
     model.zero_grad(set_to_none=True)
-    with train_mod.autocast(model.cfg, torch.device("cpu")):
+    with loss_mod.autocast(model.cfg, torch.device("cpu")):
         loss = batch_loss(model, batch, corpus, pid, cfg.temperature, cfg.passage_max_length)
     loss.backward()
     return _grads(model), loss.item()
@@ -374,7 +378,7 @@ def _uncached_grads(model, batch, corpus, pid, cfg):
 
 def _cached_grads(model, batch, corpus, pid, cfg):
     model.zero_grad(set_to_none=True)
-    loss = train_mod.cached_batch_gradients(model, None, batch, corpus, pid, cfg)
+    loss = loss_mod.cached_batch_gradients(model, None, batch, corpus, pid, cfg)
     return _grads(model), loss
 
 
@@ -415,19 +419,19 @@ def _chunked_reference(model, batch, corpus, pid, cfg):
     encoded in `grad_cache_steps`'s chunks (so dropout draws the masks of those calls), each call and the
     loss under the model's autocast."""
     model.zero_grad(set_to_none=True)
-    cols = train_mod._columns(batch)
+    cols = loss_mod.columns(batch)
     q_texts = [q.text for q, _, _ in batch]
     p_texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
     qs, ps = [], []
-    cast = lambda: train_mod.autocast(model.cfg, torch.device("cpu"))  # noqa: E731
-    for q_rows, p_rows in train_mod.grad_cache_steps(len(q_texts), len(p_texts), cfg.grad_cache_chunk):
+    cast = lambda: loss_mod.autocast(model.cfg, torch.device("cpu"))  # noqa: E731
+    for q_rows, p_rows in loss_mod.grad_cache_steps(len(q_texts), len(p_texts), cfg.grad_cache_chunk):
         with cast():
             if q_rows:
                 qs.append(model.encode_query(model.tokenize_queries(q_texts[q_rows.start:q_rows.stop])))
             if p_rows:
                 ps.append(model.encode_passage(model.tokenize_passages(p_texts[p_rows.start:p_rows.stop])))
     with cast():
-        loss = train_mod._masked_loss(torch.cat(qs), torch.cat(ps), batch, cols, pid, cfg.temperature)
+        loss = loss_mod.masked_loss(torch.cat(qs), torch.cat(ps), batch, cols, pid, cfg.temperature)
     loss.backward()
     return _grads(model)
 
@@ -461,7 +465,7 @@ def test_cached_step_with_dropout_replays_the_first_pass_masks(shared, monkeypat
     cfg = replace(CFG, grad_cache_chunk=3)
     torch.manual_seed(11)
     want = _chunked_reference(model, batch, corpus, pid, cfg)
-    monkeypatch.setattr(train_mod, "_set_rng_state", lambda cpu, cuda: None)
+    monkeypatch.setattr(dist_mod, "set_rng_state", lambda cpu, cuda: None)
     torch.manual_seed(11)
     fresh, _ = _cached_grads(model, batch, corpus, pid, cfg)
     assert _worst(fresh, want) > 1e-2
@@ -525,7 +529,7 @@ def test_cached_run_resumes_after_interrupt_to_the_uninterrupted_weights(tmp_pat
     model_a = tiny_encoder(seed=0, **ENCODER)
     hist_a = train(model_a, _data(), cfg, tmp_path / "a", tmp_path / "sa", progress=False)
 
-    real, calls = train_mod.cached_batch_gradients, []
+    real, calls = loss_mod.cached_batch_gradients, []
 
     def dying(*args, **kwargs):
         calls.append(1)
@@ -533,7 +537,7 @@ def test_cached_run_resumes_after_interrupt_to_the_uninterrupted_weights(tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "cached_batch_gradients", dying)
+    monkeypatch.setattr(loss_mod, "cached_batch_gradients", dying)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_encoder(seed=0, **ENCODER), _data(), cfg, tmp_path / "b", tmp_path / "sb", progress=False)
     monkeypatch.undo()
@@ -547,5 +551,5 @@ def test_cached_run_resumes_after_interrupt_to_the_uninterrupted_weights(tmp_pat
     _assert_same_weights(model_b.state_dict(), model_a.state_dict())
     # a cached run is another run for resuming (its chunks draw other dropout masks); off, the key is left out
     model, data = tiny_encoder(seed=0), _data()
-    assert train_mod._fingerprint(cfg, model, data) != train_mod._fingerprint(CFG, model, data)
-    assert train_mod._fingerprint(replace(cfg, grad_cache_chunk=4), model, data) != train_mod._fingerprint(cfg, model, data)
+    assert fingerprint(cfg, model, data) != fingerprint(CFG, model, data)
+    assert fingerprint(replace(cfg, grad_cache_chunk=4), model, data) != fingerprint(cfg, model, data)
