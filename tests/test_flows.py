@@ -358,7 +358,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
 
 @pytest.mark.slow
 def test_served_pipeline_deployment_end_to_end(tiny_workspace, tmp_path):
-    """The README's commands 2 and 3 against a real server: serve in the background, trigger
+    """docs/prefect.md's schedule commands 2 and 3 against a real server: serve in the background, trigger
     the pipeline deployment through the REST API, wait for Completed, read its artifact."""
     # the module's workspace: after the tests above only evaluate is stale; run alone, every stage is
     ws = tiny_workspace
