@@ -239,7 +239,8 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/dprpipe-serve-bench"))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="the server's torch threads (default: the cores available, as `dprpipe serve`)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--quiet-load", type=float, default=1.5, help="wait for a load average below this")
     p.add_argument("--patience", type=float, default=600, help="seconds to wait for it, in all (default: 600)")

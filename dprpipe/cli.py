@@ -9,6 +9,7 @@ Inputs: argv. Outputs: a running HTTP server (see dprpipe/api.py and docs/serve.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,9 +19,11 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll", type=float, default=2.0, help="seconds between checks of current.json (default: 2)")
-    # one thread: a query is a small forward pass, and on a busy CPU torch's threads wait on each
-    # other at every layer (a tiny encoder went from 7 ms to 660 ms per query with 2 under load)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the query encoder (default: 1)")
+    # every core by default: on a quiet 2-core machine 2 threads served SciFact's dense queries at a
+    # p50 of 13 ms and 152 queries/s against 19 ms and 97 with 1 (bench/serve_results.md). On a CPU
+    # shared with other busy work use 1: torch's threads then wait on each other at every layer.
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch threads of the query encoder (default: the cores available; 1 on a busy machine)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long a query waits for others to share its encoder pass (default: 2)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
