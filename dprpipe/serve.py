@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
@@ -41,6 +41,7 @@ import numpy as np
 
 from . import release as releases
 from .io import DataError
+from .config import from_mapping
 from .mine import MineConfig, passage_text
 from .records import Passage, read_corpus
 from .search import hybrid_run
@@ -115,12 +116,7 @@ def parse_request(query_string: bytes, n_docs: int) -> SearchRequest:
 
 def bm25_config(record: dict) -> MineConfig:
     """The BM25 settings of a release record ("bm25"), MineConfig's defaults for what it lacks."""
-    given = record.get("bm25") or {}
-    names = {f.name for f in fields(MineConfig)}
-    unknown = sorted(set(given) - names)
-    if unknown:
-        raise ValueError(f'release.json "bm25" has unknown keys {unknown}; expected some of {sorted(names)}')
-    return MineConfig(**given)
+    return from_mapping(MineConfig, record.get("bm25"), "release.json bm25")   # unknown keys, wrong types: ValueError
 
 
 def hybrid_config(record: dict) -> tuple[float, bool]:
