@@ -2,7 +2,8 @@
 
 `encode_query` / `encode_passage` give one vector per text (CLS or mean pooling, optionally
 L2-normalised); `compute_similarity` is the inner product; `compute_loss` is DPR's NLL of the
-positive passage against in-batch and hard negatives.
+positive passage against in-batch and hard negatives. Under bf16 autocast only the encoder layers
+run in bf16: pooling, normalisation, similarity and loss run in float32.
 
 Checkpoints are Hugging Face folders: with a shared encoder the folder itself loads with
 `AutoModel.from_pretrained`; with separate encoders its `query_encoder/` and
@@ -83,14 +84,25 @@ def autocast(cfg: EncoderConfig, dev: torch.device):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
 
 
+def _no_autocast(t: torch.Tensor):
+    """A context in which autocast is off on `t`'s device: what runs in it on float32 inputs stays float32."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[batch, seq, dim] -> [batch, dim] by the CLS token or the mean over real tokens."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
+    """[batch, seq, dim] -> [batch, dim] float32, by the CLS token or the mean over real tokens.
+
+    Always in float32, also under bf16 autocast: a bf16 vector keeps 8 significant bits, and the
+    loss's scores and the search index would carry that rounding.
+    """
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"unknown pooling {pooling!r}; expected 'cls' or 'mean'")
+    with _no_autocast(hidden):
+        hidden = hidden.float()
+        if pooling == "cls":
+            return hidden[:, 0]
+        m = mask.unsqueeze(-1).float()
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    raise ValueError(f"unknown pooling {pooling!r}; expected 'cls' or 'mean'")
 
 
 def passage_texts(passages: Sequence[Passage], use_title: bool) -> list[str]:
@@ -98,8 +110,9 @@ def passage_texts(passages: Sequence[Passage], use_title: bool) -> list[str]:
 
 
 def compute_similarity(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Inner product scores [n_questions, n_passages]."""
-    return q @ p.T
+    """Inner product scores [n_questions, n_passages], float32 (also under autocast, which would run it in bf16)."""
+    with _no_autocast(q):
+        return q.float() @ p.float().T
 
 
 def compute_loss(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
@@ -109,10 +122,11 @@ def compute_loss(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     scores[i, j]: question i vs passage j; targets[i]: column of i's positive; mask[i, j] True
     removes passage j from i's softmax (another copy of one of i's positives, not a negative).
     """
-    scores = scores.float() / temperature
-    if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
-    return F.cross_entropy(scores, targets)
+    with _no_autocast(scores):
+        scores = scores.float() / temperature
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        return F.cross_entropy(scores, targets)
 
 
 class DualEncoder(nn.Module):
@@ -209,8 +223,11 @@ class DualEncoder(nn.Module):
         dev = next(model.parameters()).device
         batch = {k: v.to(dev) for k, v in batch.items()}
         hidden = model(**batch).last_hidden_state
-        v = pool(hidden, batch["attention_mask"], self.cfg.pooling).float()
-        return F.normalize(v, dim=-1) if self.cfg.normalize else v
+        v = pool(hidden, batch["attention_mask"], self.cfg.pooling)   # float32 whatever the layers ran in
+        if not self.cfg.normalize:
+            return v
+        with _no_autocast(v):
+            return F.normalize(v, dim=-1)
 
     def encode_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._encode(self.query_model, batch)

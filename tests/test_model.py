@@ -13,7 +13,8 @@ from dense_fixtures import tiny_encoder
 from transformers import AutoModel
 
 from dprpipe.encode import encode_texts
-from dprpipe.model import CONFIG_NAME, DualEncoder, EncoderConfig, compute_loss, compute_similarity, pool
+from dprpipe.model import (CONFIG_NAME, DualEncoder, EncoderConfig, autocast, compute_loss, compute_similarity,
+                           pool)
 
 
 def reference_nll(scores, targets, mask=None, temperature=1.0):
@@ -77,6 +78,73 @@ def test_compute_similarity_is_inner_product():
     q = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     p = torch.tensor([[3.0, 1.0], [1.0, 1.0], [-2.0, 0.5]])
     assert compute_similarity(q, p).tolist() == [[5.0, 3.0, -1.0], [-1.0, -1.0, -0.5]]
+
+
+class Bf16Output(torch.nn.Module):
+    """An encoder whose last hidden states come out in bf16 (a tiny BERT's final LayerNorm runs in
+    float32 under CPU autocast, other encoders' last op does not)."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    @property
+    def config(self):
+        return self.bert.config
+
+    def forward(self, **batch):
+        out = self.bert(**batch)
+        out.last_hidden_state = out.last_hidden_state.to(torch.bfloat16)
+        return out
+
+
+def _fp64_pool(hidden, mask, pooling):
+    h = hidden.double()
+    if pooling == "cls":
+        return h[:, 0]
+    m = mask.unsqueeze(-1).double()
+    return (h * m).sum(1) / m.sum(1)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pool_runs_in_fp32_under_autocast(pooling):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 9, 32, generator=g).to(torch.bfloat16)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 5:] = mask[2, 2:] = mask[3, 7:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pool(hidden, mask, pooling)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), _fp64_pool(hidden, mask, pooling), rtol=0, atol=1e-6)
+
+
+def test_similarity_and_loss_run_in_fp32_under_autocast():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(6, 32, generator=g, requires_grad=True)
+    p = torch.randn(18, 32, generator=g, requires_grad=True)
+    targets = torch.arange(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = compute_similarity(q, p)
+        loss = compute_loss(scores, targets, temperature=0.05)
+    assert scores.dtype == torch.float32 and loss.dtype == torch.float32
+    want = q.detach().double() @ p.detach().double().T
+    assert torch.allclose(scores.detach().double(), want, rtol=0, atol=1e-5)  # bf16 misses by ~0.05
+    assert loss.item() == pytest.approx(reference_nll(want.tolist(), targets.tolist(), None, 0.05), rel=1e-5)
+    loss.backward()  # the gradient still reaches the vectors, in their own dtype
+    assert q.grad.dtype == p.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_encode_pools_and_normalises_bf16_states_in_fp32(pooling):
+    model = tiny_encoder(pooling=pooling, normalize=True, precision="bf16")
+    model.query_model = model.passage_model = Bf16Output(model.query_model).eval()
+    batch = model.tokenize_queries(TEXTS)
+    with autocast(model.cfg, torch.device("cpu")):
+        hidden = model.query_model(**batch).last_hidden_state
+        got = model.encode_query(batch)
+    assert hidden.dtype == torch.bfloat16 and got.dtype == torch.float32
+    want = torch.nn.functional.normalize(_fp64_pool(hidden, batch["attention_mask"], pooling), dim=-1)
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-6)
 
 
 HIDDEN = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]],     # third token is padding
