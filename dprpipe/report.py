@@ -118,7 +118,7 @@ def render_markdown(exps: ExperimentSet, cfg: ReportConfig, recall_png: str, val
             cells = [f"`{r.name}`", f"`{v}`", str(r.seed), where]
             cells += [_cell(r.params.get(k)) for k in VARIANT_KEYS]
             cells += [_cell(r.metrics.get("dpr", {}).get("ndcg@10")), _cell(r.metrics.get("hybrid", {}).get("ndcg@10")),
-                      _cell(max((h["epoch"] for h in r.history), default=None)), _best_epoch(r.history),
+                      _cell(max((h["epoch"] for h in r.history), default=None)), _best_epoch(r.history, r.train),
                       f"{r.train['train_seconds'] / 60:.1f}" if "train_seconds" in r.train else "–"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Every run is a DVC experiment named as in the first column, except the one from the workspace: "
@@ -128,12 +128,26 @@ def render_markdown(exps: ExperimentSet, cfg: ReportConfig, recall_png: str, val
     return "\n".join(lines)
 
 
-def _best_epoch(history: Sequence[Mapping[str, Any]]) -> str:
+def _best_epoch(history: Sequence[Mapping[str, Any]], train: Mapping[str, Any] | None = None) -> str:
+    """The validation nDCG@10 and epoch of the model training kept, epoch 0 (the starting model)
+    included: the last history row marked `kept`, else metrics/train.json's `kept_epoch` (`train`);
+    for a run that records neither, the best trained epoch.
+
+    >>> rows = [{"epoch": 0, "val_ndcg@10": 0.8}, {"epoch": 1, "val_ndcg@10": 0.7}, {"epoch": 2, "val_ndcg@10": 0.75}]
+    >>> _best_epoch(rows, {"kept_epoch": 0})
+    '0.8000 (0)'
+    >>> _best_epoch([dict(r, kept=r["epoch"] != 1) for r in rows])
+    '0.7500 (2)'
+    >>> _best_epoch(rows)
+    '0.7500 (2)'
     """
-    >>> _best_epoch([{"epoch": 0, "val_ndcg@10": 0.7}, {"epoch": 1, "val_ndcg@10": 0.8},
-    ...              {"epoch": 2, "val_ndcg@10": 0.75}])
-    '0.8000 (1)'
-    """
+    if any("kept" in h for h in history):
+        kept = [h for h in history if h.get("kept")]
+        return f"{_cell(kept[-1].get('val_ndcg@10'))} ({kept[-1]['epoch']})" if kept else "–"
+    epoch = (train or {}).get("kept_epoch")
+    if epoch is not None:
+        row = next((h for h in history if h.get("epoch") == epoch), {})
+        return f"{_cell(row.get('val_ndcg@10', (train or {}).get('val_ndcg@10')))} ({epoch})"
     scored = [h for h in history if h.get("val_ndcg@10") is not None and h.get("epoch", 0) > 0]
     if not scored:
         return "–"

@@ -65,6 +65,32 @@ def test_markdown_sections_and_links():
     assert render_markdown(exps, CFG, "recall_at_k.png", "validation.png") == md      # pure
 
 
+def _runs_cell(md: str, run: str, column: str) -> str:
+    """The cell of the runs table in `run`'s row and `column`'s column."""
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| run |"))
+    row = next(line for line in lines if line.startswith(f"| `{run}` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    return cells[[c.strip() for c in header.strip("|").split("|")].index(column)]
+
+
+@pytest.mark.parametrize("marks, train, want", [
+    # training kept the starting model: its score and epoch 0, though epoch 3 scored better
+    ({0: True, 1: False, 2: False, 3: False}, {}, "0.7600 (0)"),
+    ({0: True, 1: True, 2: True, 3: False}, {}, "0.7800 (2)"),       # the last kept, not the best
+    (None, {"kept_epoch": 0, "val_ndcg@10": 0.76}, "0.7600 (0)"),     # metrics/train.json's kept epoch
+    (None, {"kept_epoch": 2}, "0.7800 (2)"),
+    (None, {}, "0.7900 (3)"),       # a run that records neither: the best trained epoch
+])
+def test_runs_table_shows_the_kept_epoch(marks, train, want):
+    r = rec("dpr_hn1", 13, 0.70)
+    if marks is not None:
+        r.history[:] = [dict(h, kept=marks[h["epoch"]]) for h in r.history]
+    r.train.update(train)
+    md = render_markdown(ExperimentSet("scifact", "test", [r]), CFG, "recall_at_k.png", "validation.png")
+    assert _runs_cell(md, "dpr_hn1-s13", "best val nDCG@10 (epoch)") == want
+
+
 # ---------------------------------------------------------------- files
 
 
