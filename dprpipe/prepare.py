@@ -8,8 +8,28 @@ policies and builds the `Dataset`. `prepare` then splits documents into passages
 (`max_words`), holds out a dev split when the data has none, and checks the final splits for
 leakage (the same question in two splits).
 
+Split documents (`max_words > 0`): a document longer than `max_words` words becomes pieces
+`docid#0`, `docid#1`, ..., recorded in the piece map (`Dataset.pieces`, written as
+`pieces.json`). A piece id that already names a passage is an error. In
+every split, every piece of a judged document gets the document's grade (`carry_labels`); the
+evaluate stage folds runs and judgements back to documents (MaxP), which recovers the dataset's
+own judgements, so test figures are document-level. For training this means a split
+document's positives are all its pieces (train draws one of a question's positives per epoch),
+rather than one piece picked by a score such as BM25, because:
+- the judgements say the document is relevant, not which piece; picking the piece BM25 likes
+  best would teach the dense model BM25's preferences, and the hybrid gains from the two
+  disagreeing;
+- the other pieces of a relevant document must not be negatives either: the mine stage takes
+  its hard negatives from the top BM25 passages that are not positives, and the sibling pieces
+  of a gold piece rank high there. With every piece a positive, mine and the train stage's
+  validation (which ranks the dev questions' positives among mined negatives) need no rule of
+  their own; MaxP training (Dai and Callan, 2019) labels pieces the same way.
+The cost is some positives without the relevant sentences, when a document's evidence sits
+in one of its pieces.
+
 Inputs: a `PrepareConfig` (params.yaml `prepare:`). Outputs: the `Dataset` (written by the
-stage in the prepared layout of `dprpipe.records`) and a data report of counts.
+stage in the prepared layout of `dprpipe.records`, with the piece map of a split corpus) and a
+data report of counts.
 """
 
 from __future__ import annotations
@@ -63,26 +83,36 @@ def read_dataset(folder: str | os.PathLike, fmt: str = "auto") -> Dataset:
 def split_passages(corpus: Iterable[Passage], max_words: int) -> tuple[list[Passage], dict[str, list[str]]]:
     """Split documents into passages of at most `max_words` words (DPR used 100).
 
-    Each piece keeps the document title. Returns the passages and docid -> [passage ids].
-    A document that fits in one piece keeps its id; longer ones get `docid#0`, `docid#1`, ...
+    Each piece keeps the document title. A document that fits in one piece keeps its id; a
+    longer one becomes `docid#0`, `docid#1`, ... Returns the passages and the piece map, docid ->
+    [piece ids], of the documents that were split. A piece id that is also the id of a passage
+    of `corpus`, or of another piece, would make judgements and runs ambiguous: a ValueError
+    naming it.
 
-    >>> ps, m = split_passages([Passage("d", "T", "a b c")], 2)
+    >>> ps, m = split_passages([Passage("d", "T", "a b c"), Passage("e", "", "f")], 2)
     >>> [(p.id, p.text) for p in ps], m
-    ([('d#0', 'a b'), ('d#1', 'c')], {'d': ['d#0', 'd#1']})
+    ([('d#0', 'a b'), ('d#1', 'c'), ('e', 'f')], {'d': ['d#0', 'd#1']})
     """
     if max_words <= 0:
         raise ValueError(f"max_words must be positive, got {max_words}")
+    corpus = list(corpus)
+    given = {doc.id for doc in corpus}
     out: list[Passage] = []
     pieces: dict[str, list[str]] = {}
+    made: dict[str, str] = {}     # piece id -> its document, to name both sides of a clash
     for doc in corpus:
         words = doc.text.split()
         if len(words) <= max_words:
             out.append(doc)
-            pieces[doc.id] = [doc.id]
             continue
         ids = []
         for i, start in enumerate(range(0, len(words), max_words)):
             pid = f"{doc.id}#{i}"
+            if pid in given or pid in made:
+                other = "a passage of the corpus" if pid in given else f"a piece of document {clip(made[pid])}"
+                raise ValueError(f"piece id {clip(pid)} of document {clip(doc.id)} is already the id of {other}; "
+                                 "rename that passage, or set prepare.max_words to 0")
+            made[pid] = doc.id
             out.append(Passage(pid, doc.title, " ".join(words[start:start + max_words])))
             ids.append(pid)
         pieces[doc.id] = ids
@@ -90,7 +120,7 @@ def split_passages(corpus: Iterable[Passage], max_words: int) -> tuple[list[Pass
 
 
 def carry_labels(queries: list[Query], pieces: Mapping[str, list[str]]) -> list[Query]:
-    """Give every passage of a judged document the document's grade."""
+    """Give every piece of a judged document the document's grade (the rule is in the module docstring)."""
     return [Query(q.id, q.text, q.answers,
                   {pid: g for d, g in q.relevant.items() for pid in pieces.get(d, [d])})
             for q in queries]
@@ -199,8 +229,11 @@ def prepare(cfg: PrepareConfig, warn: Callable[[str], None] = _stderr) -> tuple[
     ds, counts, query_at = checked(read_raw(cfg.dataset, cfg.format), cfg.policies(), warn)
     n_docs = len(ds.corpus)
     if cfg.max_words:
-        ds.corpus, pieces = split_passages(ds.corpus, cfg.max_words)
-        ds.splits = {s: carry_labels(qs, pieces) for s, qs in ds.splits.items()}
+        try:
+            ds.corpus, ds.pieces = split_passages(ds.corpus, cfg.max_words)
+        except ValueError as e:
+            raise DataError(cfg.dataset, None, str(e)) from None
+        ds.splits = {s: carry_labels(qs, ds.pieces) for s, qs in ds.splits.items()}
     if "dev" not in ds.splits and "train" in ds.splits and cfg.dev_fraction > 0:
         ds.splits["train"], ds.splits["dev"] = hold_out(ds.splits["train"], cfg.dev_fraction, cfg.seed)
     # after the hold-out: a question held out for validation that is also in train is a leak too

@@ -5,7 +5,9 @@ grades) and `Dataset` (a corpus and its query splits).
 
 Files (the prepared layout that prepare writes and every later stage reads), JSONL written atomically:
 - `corpus.jsonl`: {"id", "title", "text"} per passage;
-- `<split>.jsonl`: {"id", "text", "answers": [...], "relevant": {docid: grade}} per query.
+- `<split>.jsonl`: {"id", "text", "answers": [...], "relevant": {docid: grade}} per query;
+- `pieces.json`, only where documents were split (`prepare.max_words`): the piece map
+  {docid: [piece ids]} of the split documents (`write_pieces`, `read_pieces`).
 A bad record is a DataError naming the file and the line.
 
 `field_value`, `id_field` and `check_id` are the field checks the dataset readers share.
@@ -13,11 +15,12 @@ A bad record is a DataError naming the file and the line.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from .io import DataError, clip, read_jsonl, write_jsonl
+from .io import DataError, clip, open_text, read_jsonl, write_json, write_jsonl
 
 SPLITS = ("train", "dev", "test")
 
@@ -44,10 +47,15 @@ class Query:
 
 @dataclass
 class Dataset:
-    """A corpus (kept as a list: the later stages index it by position) and query splits."""
+    """A corpus (kept as a list: the later stages index it by position) and query splits.
+
+    `pieces`: of a corpus whose documents were split, document id -> its piece ids, for the
+    documents that were split (see `dprpipe.prepare`); empty when documents are kept whole.
+    """
 
     corpus: list[Passage]
     splits: dict[str, list[Query]]
+    pieces: dict[str, list[str]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- field checks
@@ -120,3 +128,37 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
         out.append(Query(field_value(o, "id", path, n, numeric=True), field_value(o, "text", path, n),
                          tuple(answers), rel))
     return out
+
+def write_pieces(path: str | os.PathLike, pieces: Mapping[str, Iterable[str]]) -> None:
+    write_json(path, {doc: list(ids) for doc, ids in pieces.items()})
+
+
+def read_pieces(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The piece map {docid: [piece ids]}; a malformed file or a piece listed twice is a DataError."""
+    with open_text(path) as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise DataError(path, None, f"malformed JSON ({e}); rerun the prepare stage") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, None, "expected a JSON object {document id: [piece ids]}")
+    owner: dict[str, str] = {}
+    for doc, ids in obj.items():
+        if not isinstance(ids, list) or not ids or not all(isinstance(p, str) for p in ids):
+            raise DataError(path, None, f"document {clip(doc)}: expected a non-empty list of piece ids")
+        for pid in ids:
+            if pid in owner:
+                raise DataError(path, None, f"piece {clip(pid)} is listed under documents {clip(owner[pid])} "
+                                f"and {clip(doc)}")
+            owner[pid] = doc
+    return obj
+
+
+def owners(pieces: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """piece id -> document id, from a piece map.
+
+    >>> owners({"d": ["d#0", "d#1"]})
+    {'d#0': 'd', 'd#1': 'd'}
+    """
+    return {pid: doc for doc, ids in pieces.items() for pid in ids}

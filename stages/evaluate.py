@@ -4,13 +4,21 @@ Outputs: a metrics JSON {system: {metric: value}} and a recall@k curve CSV (k, o
 per system) for `dvc plots`. Scoring rules (trec_eval's tie order, BEIR's identical-id rule
 and averaging) are in dprpipe/evaluate.py; a judged query missing from a run is left out of
 that run's averages, with a warning on stderr.
+
+--pieces names the piece map that prepare writes when it splits documents; where that file
+exists (and evaluate.fold_to_documents is on) the judged metrics score documents, each at its
+best piece's score (MaxP). Every run is folded as a passage run, the hybrid too: it fuses the
+BM25 and dense passage runs, as the search service does, and its fused run is folded like the
+others. Where the file does not exist the corpus holds whole documents and runs are scored
+as they are.
 """
 
 import sys
+from pathlib import Path
 
 from stage_cli import load_params, parser, run
 
-from dprpipe.records import read_corpus, read_queries
+from dprpipe.records import read_corpus, read_pieces, read_queries
 from dprpipe.evaluate import EvaluateConfig, evaluate_runs, missing_queries
 from dprpipe.io import DataError, atomic_write, read_run, write_json
 from dprpipe.search import hybrid_run
@@ -23,6 +31,8 @@ def main() -> None:
     p.add_argument("--run", action="append", required=True, metavar="NAME=PATH", help="a run to score (repeatable)")
     p.add_argument("--hybrid", action="append", default=[], metavar="NAME=SPARSE+DENSE",
                    help="a fused run of two --run names, e.g. hybrid=bm25+dpr (repeatable)")
+    p.add_argument("--pieces", help="piece map of a split corpus (prepare writes it only when it splits "
+                   "documents); where it exists, runs are folded to documents (MaxP)")
     p.add_argument("--metrics", required=True)
     p.add_argument("--plot", required=True, help="recall@k curve CSV")
     args = p.parse_args()
@@ -51,7 +61,10 @@ def main() -> None:
         if missing:
             print(f"warning: {name}: {len(missing)} judged queries are not in the run (e.g. {missing[0]!r}); "
                   "they are left out of its averages, as BEIR does", file=sys.stderr)
-    metrics, curve = evaluate_runs(runs, queries, corpus, cfg)
+    pieces = read_pieces(args.pieces) if args.pieces and Path(args.pieces).exists() else None
+    if pieces and cfg.fold_to_documents:
+        print(f"scoring documents: {len(pieces)} split documents, each at its best piece's score (MaxP)")
+    metrics, curve = evaluate_runs(runs, queries, corpus, cfg, pieces)
     write_json(args.metrics, metrics)
     with atomic_write(args.plot) as f:
         f.write("k," + ",".join(runs) + "\n")

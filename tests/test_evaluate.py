@@ -6,6 +6,7 @@ averaged over the queries pytrec_eval returns (judged and in the run). MRR@k is 
 `recip_rank` on the run cut to depth k, the cut made in trec_eval's own order.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dprpipe.evaluate import (EvaluateConfig, evaluate_run, evaluate_runs, first_answer_rank, missing_queries,
-                              mrr_at_k, ndcg_at_k, rank, ranked_run, recall_at_k, recall_curve)
+from dprpipe.evaluate import (EvaluateConfig, evaluate_run, evaluate_runs, first_answer_rank, fold_judgements,
+                              fold_run, missing_queries, mrr_at_k, ndcg_at_k, rank, ranked_run, recall_at_k,
+                              recall_curve)
 from dprpipe.io import read_run, write_run
-from dprpipe.records import Passage, Query, read_queries
+from dprpipe.prepare import carry_labels
+from dprpipe.records import Passage, Query, owners, read_queries
 from dprpipe.search import hybrid_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,3 +346,143 @@ def committed_runs():
                                                                                   "checkout (dvc pull or dvc repro)"))])
 def test_committed_runs_match_pytrec_eval(run_path, queries_path):
     assert_matches_pytrec_eval(read_run(run_path), read_queries(queries_path), EvaluateConfig().ks)
+
+
+# ---------------------------------------------------------------- split documents: MaxP folding
+
+# Documents A (pieces A#0-A#2) and B (B#0, B#1) were split; C and D were kept whole.
+PIECES = {"A": ["A#0", "A#1", "A#2"], "B": ["B#0", "B#1"]}
+DOC_OF = owners(PIECES)
+PIECE_RUN = {"q": [("A#1", 0.9), ("B#0", 0.8), ("A#0", 0.7), ("C", 0.6), ("B#1", 0.95), ("D", 0.1), ("A#2", 0.2)]}
+
+
+def test_fold_run_hand_worked():
+    # each document at its best piece: B 0.95 (B#1), A 0.9 (A#1), C 0.6, D 0.1
+    assert fold_run(PIECE_RUN, DOC_OF) == {"q": [("B", 0.95), ("A", 0.9), ("C", 0.6), ("D", 0.1)]}
+    assert fold_run({"q": [("A#0", 1.0), ("C", 1.0), ("A#2", 1.0)]}, DOC_OF) == {"q": [("C", 1.0), ("A", 1.0)]}
+    assert fold_run(PIECE_RUN, {}) == {"q": sorted(PIECE_RUN["q"], key=lambda h: -h[1])}   # no map: as it is
+
+
+def test_folded_metrics_hand_worked():
+    # the dataset judges documents A (grade 1) and C (grade 2); prepare gives A's grade to each piece
+    carried = carry_labels([q("q", {"A": 1, "C": 2})], PIECES)
+    assert carried[0].relevant == {"A#0": 1, "A#1": 1, "A#2": 1, "C": 2}
+    m = evaluate_run(PIECE_RUN, carried, ks=(1, 2, 3), document_of=DOC_OF)
+    # documents ranked B, A, C, D: A at rank 2, C at rank 3
+    # DCG = 1/log2(3) + 2/log2(4) = 0.63093 + 1 = 1.63093; IDCG = 2/log2(2) + 1/log2(3) = 2.63093 -> 0.61990
+    assert m["ndcg@10"] == pytest.approx(0.61990, abs=1e-5)
+    assert m["mrr@10"] == 0.5
+    assert (m["recall@1"], m["recall@2"], m["recall@3"]) == (0.0, 0.5, 1.0)
+    assert recall_curve(PIECE_RUN, carried, [1, 2, 3], document_of=DOC_OF) == [0.0, 0.5, 1.0]
+    # passage-level, every piece a relevant unit: B#1, A#1, B#0, A#0, C, A#2, D -> 4 relevant, 1 in the top 2
+    flat = evaluate_run(PIECE_RUN, carried, ks=(2,))
+    assert flat["recall@2"] == 0.25
+
+
+def test_fold_keeps_answer_accuracy_on_passages_and_drops_the_querys_own_pieces():
+    corpus = [Passage("A#0", "", "nothing"), Passage("A#1", "", "the answer is Paris"), Passage("A#2", "", "x"),
+              Passage("B#0", "", "Paris"), Passage("B#1", "", "y"), Passage("C", "", "z"), Passage("D", "", "w")]
+    queries = carry_labels([q("q", {"A": 1, "C": 2}, answers=["Paris"])], PIECES)
+    cfg = EvaluateConfig(ks=(1, 2, 3), curve_ks=(1, 2))
+    folded, curve = evaluate_runs({"s": PIECE_RUN}, queries, corpus, cfg, PIECES)
+    flat, _ = evaluate_runs({"s": PIECE_RUN}, queries, corpus, cfg)
+    # accuracy reads passages: B#1 (no answer), A#1 (answer) -> accuracy@1 0, @2 1, with or without folding
+    assert folded["s"]["accuracy@1"] == flat["s"]["accuracy@1"] == 0.0
+    assert folded["s"]["accuracy@2"] == flat["s"]["accuracy@2"] == 1.0
+    assert (folded["s"]["recall@2"], flat["s"]["recall@2"]) == (0.5, 0.25)
+    assert curve == {1: {"s": 0.0}, 2: {"s": 0.5}}
+    # fold_to_documents off: passage-level figures even with a piece map
+    off, _ = evaluate_runs({"s": PIECE_RUN}, queries, corpus, EvaluateConfig(ks=(1, 2, 3), fold_to_documents=False),
+                           PIECES)
+    assert off == flat
+    # a query that is a document of the corpus (ArguAna): its own pieces are dropped, whichever level
+    own = {"A": ["A#0", "A#1", "A#2"]}
+    run = {"A": [("A#1", 9.0), ("B#0", 2.0), ("A#0", 1.0)]}
+    m = evaluate_run(run, [q("A", {"B#0": 1}, answers=["Paris"])], ks=(1,), text_of={p.id: p.text for p in corpus}.get,
+                     document_of=owners(own))
+    assert (m["recall@1"], m["accuracy@1"]) == (1.0, 1.0)      # A#1 (it holds "Paris") is not counted
+
+
+def test_fold_judgements_gives_back_document_judgements():
+    docs = [q("q1", {"A": 2, "C": 0, "gone": 1}), q("q2", {"B": -1, "D": 1}), q("q3")]
+    assert fold_judgements(carry_labels(docs, PIECES), DOC_OF) == docs
+    # pieces of different grades (not what prepare writes): the document takes the best
+    assert fold_judgements([q("q", {"A#0": 0, "A#1": 2, "A#2": 1})], DOC_OF)[0].relevant == {"A": 2}
+
+
+DOCS = ["d1", "d2", "d10", "a", "b", "q1", "q2"]             # q1, q2 are query ids too
+
+
+@st.composite
+def split_case(draw):
+    # each document split into 1-3 pieces (1: kept whole under its own id) or kept whole
+    pieces = {}
+    for d in DOCS:
+        n = draw(st.integers(0, 3))
+        if n > 1:
+            pieces[d] = [f"{d}#{i}" for i in range(n)]
+    units = [p for d in DOCS for p in pieces.get(d, [d])]
+    queries = [q(qid, draw(st.dictionaries(st.sampled_from(DOCS), st.sampled_from([-1, 0, 1, 1, 2]), max_size=4)))
+               for qid in QIDS]
+    scores = st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, -1.5])
+    run = {qid: list(draw(st.dictionaries(st.sampled_from(units), scores, max_size=14)).items())
+           for qid in draw(st.lists(st.sampled_from(QIDS), unique=True))}
+    return pieces, queries, run
+
+
+@settings(max_examples=300, deadline=None)
+@given(split_case(), st.booleans())
+def test_folded_scores_match_pytrec_eval_on_the_folded_run(case, ignore):
+    """Scoring a passage run with the piece map equals pytrec_eval on the run folded by hand (max per
+    document) against the dataset's document judgements."""
+    pieces, doc_queries, run = case
+    doc_of = {p: d for d, ps in pieces.items() for p in ps}
+    folded = {}
+    for qid, hits in run.items():
+        best = {}
+        for pid, s in hits:
+            best[doc_of.get(pid, pid)] = max(s, best.get(doc_of.get(pid, pid), s))
+        folded[qid] = list(best.items())
+    _, want = reference(folded, doc_queries, KS, ignore)
+    got = evaluate_run(run, carry_labels(doc_queries, pieces), KS, ignore_identical_ids=ignore, document_of=doc_of)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert recall_curve(run, carry_labels(doc_queries, pieces), KS, ignore, doc_of) == \
+        pytest.approx([want.get(f"recall@{k}", 0.0) for k in KS], abs=1e-6)
+
+
+def test_evaluate_stage_folds_where_the_piece_map_exists(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from unittest import mock
+
+    from dprpipe.records import write_corpus, write_pieces, write_queries
+
+    corpus = [Passage(p, "", p) for p in ["A#0", "A#1", "A#2", "B#0", "B#1", "C", "D"]]
+    write_corpus(tmp_path / "corpus.jsonl", corpus)
+    write_queries(tmp_path / "test.jsonl", carry_labels([q("q", {"A": 1, "C": 2})], PIECES))
+    write_run(tmp_path / "bm25.tsv", PIECE_RUN)
+    write_run(tmp_path / "dense.tsv", {"q": [("C", 0.9), ("A#2", 0.8), ("D", 0.7)]})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"ks": [1, 2, 3], "curve_ks": [1, 2]}}))
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))
+
+    def stage(pieces: Path) -> dict:
+        argv = ["evaluate.py", "--params", str(tmp_path / "params.yaml"), "--corpus", str(tmp_path / "corpus.jsonl"),
+                "--queries", str(tmp_path / "test.jsonl"), "--run", f"bm25={tmp_path / 'bm25.tsv'}",
+                "--run", f"dense={tmp_path / 'dense.tsv'}", "--hybrid", "hybrid=bm25+dense", "--pieces", str(pieces),
+                "--metrics", str(tmp_path / "m.json"), "--plot", str(tmp_path / "r.csv")]
+        with mock.patch.object(sys, "argv", argv):
+            runpy.run_path(str(ROOT / "stages" / "evaluate.py"), run_name="__main__")
+        return json.loads((tmp_path / "m.json").read_text())
+
+    whole = stage(tmp_path / "pieces.json")                 # no such file: the corpus is taken as whole
+    write_pieces(tmp_path / "pieces.json", PIECES)
+    folded = stage(tmp_path / "pieces.json")
+    assert (whole["bm25"]["recall@2"], folded["bm25"]["recall@2"]) == (0.25, 0.5)
+    assert folded["bm25"]["ndcg@10"] == round(0.61990, 4)
+    # the hybrid fuses the passage runs (min-max per query), then is folded like the others
+    fused = hybrid_run(read_run(tmp_path / "bm25.tsv"), read_run(tmp_path / "dense.tsv"))
+    want = evaluate_run(fold_run(fused, DOC_OF), fold_judgements(read_queries(tmp_path / "test.jsonl"), DOC_OF),
+                        (1, 2, 3))
+    assert folded["hybrid"] == {k: round(v, 4) if isinstance(v, float) else v for k, v in want.items()}

@@ -31,7 +31,7 @@ def test_split_passages():
     out, pieces = split_passages(docs, 2)
     assert out == [Passage("a#0", "T", "w1 w2"), Passage("a#1", "T", "w3 w4"), Passage("a#2", "T", "w5"),
                    Passage("b", "U", "short one"), Passage("c#0", "", "x y"), Passage("c#1", "", "z")]
-    assert pieces == {"a": ["a#0", "a#1", "a#2"], "b": ["b"], "c": ["c#0", "c#1"]}
+    assert pieces == {"a": ["a#0", "a#1", "a#2"], "c": ["c#0", "c#1"]}     # b fits: not split, not in the map
     out, _ = split_passages(docs, 3)
     assert [p.text for p in out] == ["w1 w2 w3", "w4 w5", "short one", "x y z"]
     with pytest.raises(ValueError, match="max_words"):
@@ -131,3 +131,134 @@ def test_prepare_rejects_duplicate_ids(tmp_path):
     folder = write_beir(tmp_path / "b", corpus, BEIR_QUERIES, {"test": [("q2", "d2", 1)]})
     with pytest.raises(DataError, match="duplicate passage id 'd1'"):
         prepare(PrepareConfig(dataset=str(folder)))
+
+
+# ---------------------------------------------------------------- split documents: piece ids, the piece map,
+# and the positives rule (every piece of a judged document; mine and validation read it unchanged)
+
+def test_split_passages_refuses_a_piece_id_that_is_already_a_passage_id():
+    long = "w1 w2 w3"
+    # the piece a#1 of document a would be the id of a real passage: its judgements and hits would mix
+    with pytest.raises(ValueError, match="piece id 'a#1' of document 'a' is already the id of a passage"):
+        split_passages([Passage("a", "", long), Passage("a#1", "", "x")], 2)
+    # a split document's own id counts too, even though the split drops it from the corpus
+    with pytest.raises(ValueError, match="piece id 'a#0' of document 'a' is already the id of a passage"):
+        split_passages([Passage("a#0", "", long), Passage("a", "", long)], 2)
+    # two documents of one id (prepare's duplicate check stops these first) would make pieces twice
+    with pytest.raises(ValueError, match="piece id 'a#0' of document 'a' is already the id of a piece of "
+                                         "document 'a'"):
+        split_passages([Passage("a", "", long), Passage("a", "", long)], 2)
+    # look-alike ids are fine where nothing clashes: a#7 is a whole document, not in the map
+    out, pieces = split_passages([Passage("a", "", long), Passage("a#7", "", "x"), Passage("a#1#0", "", "y")], 2)
+    assert [p.id for p in out] == ["a#0", "a#1", "a#7", "a#1#0"]
+    assert pieces == {"a": ["a#0", "a#1"]}
+
+
+def _split_beir(folder, corpus_extra=()):
+    corpus = [{"_id": "long", "title": "Fever", "text": "aspirin lowers fever quickly in adults and children alike"},
+              {"_id": "other", "title": "Other", "text": "aspirin thins blood in adults and children"},
+              {"_id": "short", "title": "", "text": "fever"}, *corpus_extra]
+    queries = [{"_id": "q1", "text": "aspirin fever adults"}, {"_id": "q2", "text": "aspirin thins blood in children"},
+               {"_id": "q3", "text": "fever in children"}]
+    return write_beir(folder, corpus, queries, {"train": [("q1", "long", 2), ("q1", "short", 0), ("q2", "other", 1)],
+                                                "test": [("q3", "long", 1), ("q3", "short", 1)]})
+
+
+def test_prepare_collision_is_one_data_error_naming_the_dataset_and_the_id(tmp_path):
+    folder = _split_beir(tmp_path / "b", [{"_id": "long#1", "text": "a real passage"}])
+    with pytest.raises(DataError, match="piece id 'long#1' of document 'long'") as e:
+        prepare(PrepareConfig(dataset=str(folder), max_words=3, dev_fraction=0.0))
+    assert_data_error(e, folder, None)
+    ds, _ = prepare(PrepareConfig(dataset=str(folder), dev_fraction=0.0))   # kept whole: no pieces, no clash
+    assert ds.pieces == {}
+
+
+def test_prepare_keeps_the_piece_map_and_document_judgements_fold_back(tmp_path):
+    from dprpipe.evaluate import fold_judgements
+    from dprpipe.records import owners, read_pieces, write_pieces
+
+    folder = _split_beir(tmp_path / "b")
+    whole, _ = prepare(PrepareConfig(dataset=str(folder), dev_fraction=0.0))
+    ds, report = prepare(PrepareConfig(dataset=str(folder), max_words=3, dev_fraction=0.0))
+    assert ds.pieces == {"long": ["long#0", "long#1", "long#2"], "other": ["other#0", "other#1", "other#2"]}
+    assert (report["documents"], report["passages"]) == (3, 7)
+    # every piece of a judged document carries its grade, in every split (grade 0 too)
+    assert ds.splits["train"][0].relevant == {"long#0": 2, "long#1": 2, "long#2": 2, "short": 0}
+    assert ds.splits["test"][0].positives == ["long#0", "long#1", "long#2", "short"]
+    # folded with the piece map, each split's judgements are the dataset's document judgements again
+    for split, queries in ds.splits.items():
+        assert fold_judgements(queries, owners(ds.pieces)) == whole.splits[split], split
+    write_pieces(tmp_path / "pieces.json", ds.pieces)
+    assert read_pieces(tmp_path / "pieces.json") == ds.pieces
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("[1, 2]", "expected a JSON object"),
+    ('{"d": "d#0"}', "document 'd': expected a non-empty list of piece ids"),
+    ('{"d": []}', "document 'd': expected a non-empty list of piece ids"),
+    ('{"d": ["d#0", 3]}', "document 'd': expected a non-empty list of piece ids"),
+    ('{"d": ["d#0"], "e": ["d#0"]}', "piece 'd#0' is listed under documents 'd' and 'e'"),
+    ('{"d": ', "malformed JSON"),
+])
+def test_read_pieces_refuses_a_bad_map(tmp_path, text, problem):
+    from dprpipe.records import read_pieces
+
+    (tmp_path / "pieces.json").write_text(text)
+    with pytest.raises(DataError, match=problem) as e:
+        read_pieces(tmp_path / "pieces.json")
+    assert_data_error(e, tmp_path / "pieces.json", None)
+
+
+def test_prepare_stage_writes_the_piece_map_only_for_a_split_corpus(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+    from unittest import mock
+
+    import yaml
+
+    from dprpipe.records import read_pieces
+
+    folder = _split_beir(tmp_path / "b")
+    script = Path(__file__).resolve().parents[1] / "stages" / "prepare.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    for max_words in (0, 3):
+        params = tmp_path / f"params{max_words}.yaml"
+        params.write_text(yaml.safe_dump({"prepare": {"dataset": str(folder), "max_words": max_words}}))
+        out = tmp_path / f"out{max_words}"
+        argv = ["prepare.py", "--params", str(params), "--out", str(out), "--report", str(tmp_path / "data.json")]
+        with mock.patch.object(sys, "argv", argv):
+            runpy.run_path(str(script), run_name="__main__")
+        assert (out / "pieces.json").exists() == bool(max_words)
+    assert read_pieces(tmp_path / "out3" / "pieces.json")["long"] == ["long#0", "long#1", "long#2"]
+
+
+def test_split_positives_work_for_mining_sampling_and_validation(tmp_path):
+    """Every piece of a judged document is a positive: mine never makes one a negative, train draws a
+    positive among them, and validation ranks them all as relevant."""
+    from dense_fixtures import tiny_encoder
+
+    from dprpipe.mine import MineConfig, Miner
+    from dprpipe.train import TrainConfig, TrainData, epoch_batches, validate
+
+    folder = _split_beir(tmp_path / "b")
+    ds, _ = prepare(PrepareConfig(dataset=str(folder), max_words=3, dev_fraction=0.0))
+    train = ds.splits["train"]
+    negatives = Miner(ds.corpus, MineConfig(depth=10, negatives=10)).negatives(train)
+    gold = {"q1": {"long#0", "long#1", "long#2"}, "q2": {"other#0", "other#1", "other#2"}}
+    for q in train:
+        assert set(q.positives) == gold[q.id]
+        mined = {d for d, _ in negatives[q.id]}
+        assert mined and not mined & gold[q.id], q.id        # siblings of the gold piece are never negatives
+    # q1's BM25 ranking has pieces of both documents on top: the filter is what keeps long's out
+    assert {d for d, _ in Miner(ds.corpus, MineConfig(depth=10)).run(train, 10)["q1"][:3]} & gold["q1"]
+    negs = {qid: [d for d, _ in hits] for qid, hits in negatives.items()}
+    pid = {p.id: i for i, p in enumerate(ds.corpus)}
+    data = TrainData(corpus=ds.corpus, train=train, dev=train, negatives=negs)
+    drawn = {ds.corpus[pos].id for e in range(20) for batch in epoch_batches(data, TrainConfig(batch_size=2), e, pid)
+             for q, pos, _ in batch if q.id == "q1"}
+    assert drawn == gold["q1"]                                # any piece, over the epochs
+    # validation's pool: every dev positive (all six pieces) and the top two mined negatives of each question
+    val = validate(tiny_encoder(), data, TrainConfig(val_negatives=2), pid)
+    pool = gold["q1"] | gold["q2"] | {d for hits in negs.values() for d in hits[:2]}
+    assert val["pool"] == len(pool) and 0 <= val["avg_rank"] < len(pool) and 0 < val["ndcg@10"] <= 1
