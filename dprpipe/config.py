@@ -79,6 +79,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None:
             return None
         raise ValueError(f"{where}: expected null, got {_clip(value)}")
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a mapping (key: value), got {_clip(value)}")
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {_coerce(k, key_hint, f"{where} key"): _coerce(v, value_hint, f"{where}.{_key_name(k)}")
+                for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: expected a list, got {_clip(value)}")

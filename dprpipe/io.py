@@ -2,19 +2,22 @@
 
 Inputs: paths. Outputs: files and folders written atomically (`.name.tmp` in the same folder,
 then `os.replace`), so a killed stage never leaves a half-written output that a later stage
-could read; the next write of the same path removes a killed writer's temporary. Read errors
-are `DataError`s that name the file, the line and the fix. `write_checksums` /
+could read; the next write of the same path removes a killed writer's temporary. Files whose
+name ends in `.gz` are read through gzip, streaming (DPR releases its files compressed). Read
+errors are `DataError`s that name the file, the line and the fix. `write_checksums` /
 `verify_checksums` let a reader tell a truncated or corrupted artifact folder from a good one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -201,15 +204,19 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -
 
 @contextlib.contextmanager
 def open_text(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """Open a UTF-8 text file (a leading byte-order mark is skipped); a missing file or bad
-    encoding raises DataError, and so does a line longer than MAX_LINE."""
+    """Open a UTF-8 text file (a leading byte-order mark is skipped), decompressing a `.gz` one
+    as it is read; a missing file, bad encoding or damaged compressed data raises DataError, and
+    so does a line longer than MAX_LINE."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "file not found")
     # lines end at "\n" only (a "\r\n" keeps its "\r", which JSON and read_tsv drop): universal
     # newlines would also split at a lone "\r", which JSON allows as whitespace, and shift every line number
     try:
-        f = open(path, encoding="utf-8-sig", newline="\n")
+        if is_gzip(path):
+            f = gzip.open(path, "rt", encoding="utf-8-sig", newline="\n")
+        else:
+            f = open(path, encoding="utf-8-sig", newline="\n")
     except OSError as e:   # e.g. no permission to read it
         raise DataError(path, None, f"cannot read the file ({e.strerror or e})") from None
     try:
@@ -218,11 +225,22 @@ def open_text(path: str | os.PathLike) -> Iterator[IO[str]]:
         f.close()
 
 
+def is_gzip(path: str | os.PathLike) -> bool:
+    """Whether `open_text` reads `path` through gzip: its name ends in `.gz`."""
+    return Path(path).name.lower().endswith(".gz")
+
+
+GZIP_ERRORS = (EOFError, OSError, zlib.error)
+"""What reading a damaged gzip file raises: EOFError when it is cut short, gzip.BadGzipFile (an
+OSError) for a bad header or checksum, zlib.error for corrupt compressed data."""
+
+
 class _DecodeGuard:
-    """Iterate lines of a text file, turning a UnicodeDecodeError into a DataError."""
+    """Iterate lines of a text file, turning a UnicodeDecodeError (or damaged gzip data) into a DataError."""
 
     def __init__(self, f: IO[str], path: Path):
         self._f, self._path, self._line = f, path, 0
+        self._gz = is_gzip(path)
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -230,6 +248,10 @@ class _DecodeGuard:
                 line = self._f.readline(MAX_LINE + 1)
             except UnicodeDecodeError as e:
                 raise _utf8_error(self._path, e) from None
+            except GZIP_ERRORS as e:
+                if not self._gz:
+                    raise
+                raise _gzip_error(self._path, e) from None
             if not line:
                 return
             self._line += 1
@@ -243,6 +265,10 @@ class _DecodeGuard:
             return self._f.read(*args)
         except UnicodeDecodeError as e:
             raise _utf8_error(self._path, e) from None
+        except GZIP_ERRORS as e:
+            if not self._gz:
+                raise
+            raise _gzip_error(self._path, e) from None
 
 
 def _utf8_error(path: Path, err: UnicodeDecodeError) -> DataError:
@@ -252,14 +278,45 @@ def _utf8_error(path: Path, err: UnicodeDecodeError) -> DataError:
     position says nothing about the line: find it by decoding the raw lines one by one (a
     multi-byte UTF-8 sequence never contains a newline byte).
     """
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return DataError(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} "
-                                 "of the line); re-encode the file as UTF-8")
+    hint = ""
+    try:
+        with (gzip.open if is_gzip(path) else open)(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(b"\x1f\x8b"):
+                    hint = "; it looks gzip-compressed: give it a name ending in .gz"
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return DataError(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} "
+                                     f"of the line); re-encode the file as UTF-8{hint}")
+    except GZIP_ERRORS as e:   # damaged after the bad byte was decoded: the damage is the real problem
+        return _gzip_error(path, e)
     return DataError(path, None, f"not valid UTF-8 ({err.reason}); re-encode the file as UTF-8")
+
+
+def _gzip_error(path: Path, err: BaseException) -> DataError:
+    """A DataError for a damaged gzip file, naming the line where its readable text ends.
+
+    The text layer reads ahead, so where the error surfaced says little about the line:
+    decompress again and count the lines up to the damage.
+    """
+    if isinstance(err, EOFError):
+        problem = "the compressed file ends early (truncated gzip; download it again)"
+    elif isinstance(err, gzip.BadGzipFile) and "Not a gzipped file" in str(err):
+        return DataError(path, None, "not a gzip file, although its name ends in .gz; "
+                         "decompress it or drop the .gz from its name")
+    elif isinstance(err, (gzip.BadGzipFile, zlib.error)):
+        problem = f"corrupt gzip data ({err}); download the file again"
+    else:   # a plain read error of the disk
+        return DataError(path, None, f"cannot read the file ({getattr(err, 'strerror', None) or err})")
+    lines = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read1(1 << 16):   # read1: what one step decompressed, kept if the next fails
+                lines += chunk.count(b"\n")
+    except GZIP_ERRORS:
+        pass
+    return DataError(path, lines + 1, problem)
 
 
 def read_tsv(path: str | os.PathLike, ncols: int, header: Sequence[str] | None = None

@@ -1,7 +1,8 @@
 """The prepare step: read a BEIR or DPR dataset, check it, split passages, hold out a dev split.
 
 Reading is two steps: `read_raw` parses the files with the reader of their format
-(`dprpipe.beir`, `dprpipe.dpr_format`) into a `RawDataset` that keeps every record and where it
+(`dprpipe.beir`, `dprpipe.dpr_format`; a DPR folder's files as `prepare.files` names them or
+found by their names, gzipped or not) into a `RawDataset` that keeps every record and where it
 came from; `checked` runs the data checks of `dprpipe.checks` (repeated ids, empty texts,
 judgements of missing passages, queries without a relevant passage) under the `prepare.on_*`
 policies and builds the `Dataset`. `prepare` then splits documents into passages
@@ -27,6 +28,10 @@ rather than one piece picked by a score such as BM25, because:
 The cost is some positives without the relevant sentences, when a document's evidence sits
 in one of its pieces.
 
+The hard negatives a DPR dataset provides (`hard_negative_ctxs`) travel in `Dataset.negatives`;
+`negative_records` gives them per split in the mine stage's format, for the stage to write as
+`negatives/<split>.jsonl` (only where the dataset provides them).
+
 Inputs: a `PrepareConfig` (params.yaml `prepare:`). Outputs: the `Dataset` (written by the
 stage in the prepared layout of `dprpipe.records`, with the piece map of a split corpus) and a
 data report of counts.
@@ -38,44 +43,73 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import checks
 from .beir import read_beir_raw
 from .checks import Loc
-from .dpr_format import read_dpr_raw
+from .dpr_format import ROLES, has_dpr_files, read_dpr_raw
 from .io import DataError, clip
 from .raw import RawDataset, resolve
-from .records import SPLITS, Dataset, Passage, Query
+from .records import Dataset, Passage, Query
 
 # ---------------------------------------------------------------- reading
 
-def detect_format(folder: str | os.PathLike) -> str:
+def detect_format(folder: str | os.PathLike, files: Mapping[str, str] | None = None) -> str:
+    """"beir" for a folder with corpus.jsonl, "dpr" for one with DPR files (or when `files` names them)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, None, "dataset folder not found; set prepare.dataset in params.yaml")
+    if files:
+        return "dpr"
     if (folder / "corpus.jsonl").exists():
         return "beir"
-    if any((folder / f"{s}.json").exists() for s in SPLITS):
+    if has_dpr_files(folder):
         return "dpr"
-    raise DataError(folder, None, "cannot tell the format: expected corpus.jsonl (BEIR) "
-                    "or {train,dev,test}.json (DPR); or set prepare.format")
+    raise DataError(folder, None, "cannot tell the format: expected corpus.jsonl (BEIR) or DPR files "
+                    "({train,dev,test}.json, biencoder-*-{train,dev}.json, *-test.csv, each optionally .gz); "
+                    "or set prepare.format and prepare.files")
 
 
-def read_raw(folder: str | os.PathLike, fmt: str = "auto") -> RawDataset:
-    """Every record of a BEIR or DPR folder, with where it came from; format errors raise DataError."""
-    fmt = detect_format(folder) if fmt == "auto" else fmt
-    readers = {"beir": read_beir_raw, "dpr": read_dpr_raw}
-    if fmt not in readers:
-        raise ValueError(f"unknown dataset format {fmt!r}; expected one of auto, beir, dpr")
-    return readers[fmt](folder)
+def read_raw(folder: str | os.PathLike, fmt: str = "auto", files: Mapping[str, str] | None = None) -> RawDataset:
+    """Every record of a BEIR or DPR folder, with where it came from; format errors raise DataError.
+
+    `files` (DPR only): role (train, dev, test, passages) -> file name in `folder`, for names
+    that are not found by themselves (`dprpipe.dpr_format.dpr_files`).
+    """
+    fmt = detect_format(folder, files) if fmt == "auto" else fmt
+    if fmt == "beir":
+        if files:
+            raise ValueError("prepare.files names the files of a DPR folder; a BEIR folder has fixed names")
+        return read_beir_raw(folder)
+    if fmt == "dpr":
+        return read_dpr_raw(folder, files)
+    raise ValueError(f"unknown dataset format {fmt!r}; expected one of auto, beir, dpr")
 
 
-def read_dataset(folder: str | os.PathLike, fmt: str = "auto") -> Dataset:
+def read_dataset(folder: str | os.PathLike, fmt: str = "auto", files: Mapping[str, str] | None = None) -> Dataset:
     """Read a BEIR or DPR folder and apply the data checks with the default policies of `PrepareConfig`."""
-    ds, _, _ = checked(read_raw(folder, fmt), PrepareConfig().policies())
+    ds, _, _ = checked(read_raw(folder, fmt, files), PrepareConfig().policies())
     return ds
+
+
+def negative_records(ds: Dataset) -> dict[str, list[dict]]:
+    """The dataset's provided negatives per split, as the mine stage writes its negatives:
+    {split: [{"id": qid, "negatives": [[docid, score], ...]}, ...]}, one record per question of
+    the split that has provided negatives, in the split's order; splits without any are left out.
+
+    A negative document that was split into pieces (`prepare.max_words`) stands for all its
+    pieces, in order, each with the document's score.
+    """
+    out: dict[str, list[dict]] = {}
+    for split, queries in ds.splits.items():
+        records = [{"id": q.id, "negatives": [[pid, score] for docid, score in ds.negatives[q.id]
+                                              for pid in ds.pieces.get(docid, [docid])]}
+                   for q in queries if q.id in ds.negatives]
+        if records:
+            out[split] = records
+    return out
 
 
 # ---------------------------------------------------------------- transforms
@@ -150,6 +184,9 @@ class PrepareConfig:
     max_words: int = 0            # split documents into passages of at most this many words; 0 = keep whole
     dev_fraction: float = 0.1     # held out of train for validation when the dataset has no dev split
     seed: int = 13
+    # DPR: role (train, dev, test, passages) -> file name in `dataset`; a role left out is found by
+    # DPR's and this project's names where one file fits (dprpipe.dpr_format.NAMES)
+    files: dict[str, str] = field(default_factory=dict)
     # data checks (dprpipe.checks): "error" stops prepare at the first case, "warn" reports and goes on
     on_duplicate_ids: str = "error"     # a passage, query or judgement seen twice; warn keeps the first
     on_empty_texts: str = "warn"        # a passage or query with a blank text; warn keeps it
@@ -165,6 +202,13 @@ class PrepareConfig:
             raise ValueError(f"max_words must be >= 0 (0 keeps documents whole), got {self.max_words}")
         if not 0 <= self.dev_fraction < 1:
             raise ValueError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
+        for role, name in self.files.items():
+            if role not in ROLES:
+                raise ValueError(f"files: unknown role {role!r}; expected {', '.join(ROLES)}")
+            if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"files.{role}: {name!r} is not a file name inside prepare.dataset")
+        if self.files and self.format == "beir":
+            raise ValueError("files names the files of a DPR folder; it cannot be used with format beir")
         for check, policy in self.policies().items():
             if policy not in POLICIES:
                 raise ValueError(f"on_{check} must be 'error' or 'warn', got {policy!r}")
@@ -212,6 +256,7 @@ def checked(raw: RawDataset, policies: Mapping[str, str], warn: Callable[[str], 
           + checks.empty_texts([q.text for q in raw.queries], q_ids, raw.query_at, "query", skip=drop_q))
 
     judged = {j.qid for i, j in enumerate(raw.judgements) if j.grade > 0 and i not in drop_j}
+    judged |= raw.scored_by_answers   # QA questions are judged by their answers
     in_split = {qid for qids in raw.split_queries.values() for qid in qids}
     apply("unjudged_queries", checks.unjudged_queries(q_ids, raw.query_at, judged, in_split, skip=drop_q))
 
@@ -226,7 +271,7 @@ def prepare(cfg: PrepareConfig, warn: Callable[[str], None] = _stderr) -> tuple[
     The report counts documents, passages, queries and judgements per split, and under
     "checks" the cases each data check found (0 where the data is clean).
     """
-    ds, counts, query_at = checked(read_raw(cfg.dataset, cfg.format), cfg.policies(), warn)
+    ds, counts, query_at = checked(read_raw(cfg.dataset, cfg.format, cfg.files), cfg.policies(), warn)
     n_docs = len(ds.corpus)
     if cfg.max_words:
         try:

@@ -70,13 +70,19 @@ class RawDataset:
     judgements: list[Judgement] = field(default_factory=list)
     judgement_at: Locations = field(default_factory=Locations)
     split_queries: dict[str, list[str]] = field(default_factory=dict)  # split -> its query ids, in order
+    # query id -> the dataset's own hard negatives [(passage id, score)], best first (DPR's
+    # hard_negative_ctxs); only for questions of files that provide them
+    negatives: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    # questions scored by their answers alone (QA CSV test sets): they have no judgements by design
+    scored_by_answers: set[str] = field(default_factory=set)
 
 
 def resolve(raw: RawDataset, drop_passages: Container[int] = (), drop_queries: Container[int] = (),
             drop_judgements: Container[int] = ()) -> Dataset:
     """The Dataset of `raw` without the records at the given positions.
 
-    A split keeps the queries it names that are still there, in order, each with its judgements.
+    A split keeps the queries it names that are still there, in order, each with its judgements,
+    and the provided negatives of those queries.
     """
     corpus = [p for i, p in enumerate(raw.passages) if i not in drop_passages] if drop_passages else raw.passages
     queries = {q.id: q for i, q in enumerate(raw.queries) if i not in drop_queries}
@@ -88,4 +94,5 @@ def resolve(raw: RawDataset, drop_passages: Container[int] = (), drop_queries: C
     for split, qids in raw.split_queries.items():
         splits[split] = [Query(qid, queries[qid].text, queries[qid].answers, relevant.get((split, qid), {}))
                          for qid in qids if qid in queries]
-    return Dataset(corpus=corpus, splits=splits)
+    negatives = {qid: negs for qid, negs in raw.negatives.items() if qid in queries}
+    return Dataset(corpus=corpus, splits=splits, negatives=negatives)

@@ -56,6 +56,9 @@ class Dataset:
     corpus: list[Passage]
     splits: dict[str, list[Query]]
     pieces: dict[str, list[str]] = field(default_factory=dict)
+    # query id -> hard negatives the dataset provides [(passage id, score)], best first (DPR's
+    # hard_negative_ctxs); empty when it provides none
+    negatives: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- field checks

@@ -1,16 +1,17 @@
 """prepare: read a BEIR or DPR dataset, check it, and write the normalised corpus and query splits.
 
 Outputs: <out>/corpus.jsonl, <out>/<split>.jsonl for each split, <out>/pieces.json (the piece
-map, only where prepare.max_words split documents), and a data report JSON (a DVC metric) with
-the counts and, under "checks", the cases each data check found. A check set to "error"
-(prepare.on_*) stops the stage with one line naming the file and line, and nothing is
-written; one set to "warn" prints a warning line and goes on.
+map, only where prepare.max_words split documents), <out>/negatives/<split>.jsonl (the hard
+negatives a DPR dataset provides, in the mine stage's format, only where it provides them), and
+a data report JSON (a DVC metric) with the counts and, under "checks", the cases each data check
+found. A check set to "error" (prepare.on_*) stops the stage with one line naming the file and
+line, and nothing is written; one set to "warn" prints a warning line and goes on.
 """
 
 from stage_cli import load_params, parser, run
 
-from dprpipe.io import atomic_dir, write_json
-from dprpipe.prepare import PrepareConfig, prepare
+from dprpipe.io import atomic_dir, write_json, write_jsonl
+from dprpipe.prepare import PrepareConfig, negative_records, prepare
 from dprpipe.records import write_corpus, write_pieces, write_queries
 
 
@@ -27,6 +28,8 @@ def main() -> None:
             write_queries(tmp / f"{split}.jsonl", queries)
         if ds.pieces:
             write_pieces(tmp / "pieces.json", ds.pieces)
+        for split, records in negative_records(ds).items():
+            write_jsonl(tmp / "negatives" / f"{split}.jsonl", records)
     write_json(args.report, report)
     flat = {**{k: v for k, v in report.items() if k != "checks"},
             **{f"checks.{k}": v for k, v in report["checks"].items()}}

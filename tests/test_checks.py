@@ -181,8 +181,8 @@ def test_dpr_questions_without_positives_are_unjudged(tmp_path):
 
 
 def test_dpr_contexts_sharing_an_id_with_other_texts_are_duplicates(tmp_path):
-    # the same passage_id with another text is a conflict, not the same passage; an exact repeat is
-    # the same passage; a context never overrides passages.tsv (the corpus)
+    # without a passages file, the same passage_id with another text is a conflict, not the same
+    # passage, and an exact repeat is the same passage; with one, a context never overrides it
     folder = tmp_path / "dpr"
     folder.mkdir()
     ctx = {"title": "T", "text": "first text", "passage_id": "7"}
@@ -191,7 +191,6 @@ def test_dpr_contexts_sharing_an_id_with_other_texts_are_duplicates(tmp_path):
               "hard_negative_ctxs": [{"title": "T", "text": "another text", "passage_id": "7"},
                                      {"title": "X", "text": "not the TSV's", "passage_id": "1"}]}]
     (folder / "train.json").write_text(json.dumps(items, indent=1))
-    (folder / "passages.tsv").write_text("id\ttext\ttitle\n1\tthe corpus text\tX\n")
     with pytest.raises(DataError, match=r"duplicate passage id '7' \(first at line \d+\)") as e:
         prepare(PrepareConfig(dataset=str(folder), dev_fraction=0.0))
     assert e.value.path == str(folder / "train.json")
@@ -199,7 +198,11 @@ def test_dpr_contexts_sharing_an_id_with_other_texts_are_duplicates(tmp_path):
     ds, report = prepare(PrepareConfig(dataset=str(folder), dev_fraction=0.0, on_duplicate_ids="warn"),
                          warn=warnings.append)
     assert report["checks"]["duplicate_ids"] == 1 and len(warnings) == 1
-    assert {p.id: p.text for p in ds.corpus} == {"1": "the corpus text", "7": "first text"}
+    assert {p.id: p.text for p in ds.corpus} == {"7": "first text", "1": "not the TSV's"}
+    (folder / "passages.tsv").write_text("id\ttext\ttitle\n1\tthe corpus text\tX\n7\tseven\tT\n")
+    ds, report = prepare(PrepareConfig(dataset=str(folder), dev_fraction=0.0))
+    assert report["checks"]["duplicate_ids"] == 0
+    assert {p.id: p.text for p in ds.corpus} == {"1": "the corpus text", "7": "seven"}
 
 
 def test_bad_policy_value():

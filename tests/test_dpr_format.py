@@ -27,7 +27,7 @@ def test_read_dpr_with_passages_tsv(tmp_path):
                  negatives=[{"title": "Greeting", "text": "ignored: the TSV text wins", "passage_id": "2"}],
                  hard=[no_id]),
         dpr_item("a city in france", ["Lyon"], positives=[no_id],
-                 hard=[{"title": "Other", "text": "Not in the TSV.", "passage_id": "99"}]),
+                 hard=[{"title": "copy", "text": "the TSV's text wins", "passage_id": "3"}]),
     ]
     folder = write_dpr(tmp_path / "dpr", {"train": items, "dev": items[:1]}, passages)
     assert detect_format(folder) == "dpr"
@@ -38,15 +38,16 @@ def test_read_dpr_with_passages_tsv(tmp_path):
         Passage("1", "Paris", "Paris is the capital of France."),
         Passage("2", "Greeting", 'He said "bonjour" twice.'),
         Passage("3", 'The "Best" Film', "A film."),
-        # contexts that the TSV does not have join the corpus, in the order first seen
+        # a context without a passage_id joins the corpus (one with an id the TSV lacks is an error)
         Passage(lyon_id, "Lyon", "Lyon is a city in France."),
-        Passage("99", "Other", "Not in the TSV."),
     ]
     train = ds.splits["train"]
     assert [q.id for q in train] == ["train-0", "train-1"]
     assert train[0] == Query("train-0", "capital of france?", ("Paris",), {"1": 1})
     assert train[1].relevant == {lyon_id: 1}                # positives only; negatives are not judged
     assert [q.id for q in ds.splits["dev"]] == ["dev-0"]
+    # hard_negative_ctxs are the provided negatives, scored 1/rank without scores of their own
+    assert ds.negatives == {"train-0": [(lyon_id, 1.0)], "train-1": [("3", 1.0)], "dev-0": [(lyon_id, 1.0)]}
 
 
 def test_read_dpr_without_passages_tsv_uses_every_context(tmp_path):
