@@ -18,14 +18,22 @@ configuration runs one warm-up step of 32 questions (same chunking: the kernels 
 then `repeats` steps (at most 2 above 32 questions) over distinct training questions
 (`train.step_gradients`, as the train stage runs it; the default precision); the figures are the
 median step and the process's peak RSS (VmHWM), also above its RSS once model and data are loaded.
+
+The float32 head (`head_precision`, run on its own: `python bench/train_bench.py --head-precision`):
+training questions/s (the steps above, default precision) and encoding passages/s (`encode_texts`
+on encode_bench's passage sample) with the pooling, normalisation, similarity and loss in float32,
+as dprpipe runs them, against `previous_head` (the same functions left to autocast, as before),
+the two alternating, each a median over `repeats` short runs, with the load average at each run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from dataclasses import replace
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -177,3 +185,121 @@ def run(data: str, quick: bool, repeats: int) -> dict:
         "same_losses": fp32["losses"] == default["losses"],
         "grad_cache": grad_cache(data, quick, repeats, negatives),
     }
+
+
+@contextlib.contextmanager
+def previous_head():
+    """dprpipe with pooling, normalisation, similarity and loss as autocast leaves them (the similarity
+    matmul in bf16, the pooling in the hidden states' dtype): the baseline of the float32 head."""
+    import torch.nn.functional as F
+
+    from dprpipe import loss, model
+
+    def pool(hidden, mask, pooling):
+        if pooling == "cls":
+            return hidden[:, 0]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+    def encode(self, encoder, batch):
+        dev = next(encoder.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        v = pool(encoder(**batch).last_hidden_state, batch["attention_mask"], self.cfg.pooling).float()
+        return F.normalize(v, dim=-1) if self.cfg.normalize else v
+
+    def compute_loss(scores, targets, mask=None, temperature=1.0):
+        scores = scores.float() / temperature
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        return F.cross_entropy(scores, targets)
+
+    with mock.patch.object(model.DualEncoder, "_encode", encode), \
+            mock.patch.object(loss, "compute_similarity", lambda q, p: q @ p.T), \
+            mock.patch.object(loss, "compute_loss", compute_loss):
+        yield
+
+
+def head_precision(data: str, repeats: int, steps: int = 2, passages: int = 128) -> dict:
+    """Training questions/s and encoding passages/s with the float32 head and with `previous_head`.
+
+    Each run: `steps` timed training steps after a warm-up (`_steps`, a fresh model each run), or one
+    `encode_texts` of `passages` passages after a one-batch warm-up. The two heads alternate, run
+    after run, so a change in the load hits both alike.
+    """
+    from encode_bench import sample_passages
+    from measure import cpu_model, load_average
+
+    from dprpipe.encode import encode_texts
+    from dprpipe.model import DualEncoder, EncoderConfig, native_bf16, passage_texts
+    from dprpipe.prepare import read_dataset
+    from dprpipe.train import TrainConfig, TrainData
+
+    enc_cfg = section_config(EncoderConfig, "model")
+    cfg = section_config(TrainConfig, "train")
+    ds = read_dataset(data)
+    all_train, negatives = _mined(ds)
+    data_ = TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * (steps + 1)], dev=[], negatives=negatives)
+    heads = {"fp32": contextlib.nullcontext, "previous": previous_head}
+    out = {"cpu": cpu_model(), "uses_bf16": enc_cfg.precision == "bf16" or (
+        enc_cfg.precision == "auto" and native_bf16(torch.device("cpu"))), "torch_threads": torch.get_num_threads(),
+        "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives, "steps": steps, "passages": passages,
+        "train": {h: [] for h in heads}, "encode": {h: [] for h in heads}}
+    for _ in range(repeats):
+        for head, ctx in heads.items():
+            load = load_average()[0]
+            with ctx():
+                r = _steps(enc_cfg.precision, data_, cfg, enc_cfg, steps)
+            out["train"][head].append({"questions_per_s": r["questions_per_s"], "losses": r["losses"],
+                                       "load": [load, load_average()[0]]})
+
+    model, _ = DualEncoder.load(enc_cfg.model, enc_cfg)
+    batch_size = 32
+    texts = passage_texts(sample_passages(ds, "test" if "test" in ds.splits else next(iter(ds.splits)), passages),
+                          enc_cfg.use_title)
+    emb = {}
+    for _ in range(repeats):
+        for head, ctx in heads.items():
+            with ctx():
+                encode_texts(model, texts[:batch_size], "passage", batch_size)   # warm-up
+                load = load_average()[0]
+                t0 = time.perf_counter()
+                emb[head] = encode_texts(model, texts, "passage", batch_size)
+                seconds = time.perf_counter() - t0
+            out["encode"][head].append({"passages_per_s": len(texts) / seconds, "load": [load, load_average()[0]]})
+    out["encode_max_abs_difference"] = float(abs(emb["fp32"] - emb["previous"]).max())
+    pairs = zip(out["train"]["fp32"], out["train"]["previous"])
+    out["train_max_loss_difference"] = max(abs(a - b) for new, old in pairs
+                                           for a, b in zip(new["losses"], old["losses"]))
+    for kind, key in (("train", "questions_per_s"), ("encode", "passages_per_s")):
+        med = {h: sorted(r[key] for r in runs)[len(runs) // 2] for h, runs in out[kind].items()}
+        out[f"{kind}_median"] = med
+        out[f"{kind}_ratio"] = med["fp32"] / med["previous"]
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from measure import DEFAULT_DATA, table
+
+    p = argparse.ArgumentParser(description="the float32 head's speed cost (see the module docstring)")
+    p.add_argument("--head-precision", action="store_true", required=True)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    res = head_precision(args.data, args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    loads = lambda runs: ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in runs)  # noqa: E731
+    print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; "
+          f"medians of {args.repeats} runs")
+    print(table(["measure", "float32 head", "previous head", "ratio", "load (1 min) per run: fp32 | previous"], [
+        [f"training questions/s (batch {res['batch_size']}, {res['steps']} steps)", res["train_median"]["fp32"],
+         res["train_median"]["previous"], res["train_ratio"],
+         f"{loads(res['train']['fp32'])} / {loads(res['train']['previous'])}"],
+        [f"encoding passages/s ({res['passages']} passages)", res["encode_median"]["fp32"],
+         res["encode_median"]["previous"], res["encode_ratio"],
+         f"{loads(res['encode']['fp32'])} / {loads(res['encode']['previous'])}"]]))
+    print(f"largest step-loss difference {res['train_max_loss_difference']:.2e}; "
+          f"largest embedding difference {res['encode_max_abs_difference']:.2e}")
