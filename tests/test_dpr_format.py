@@ -1,11 +1,13 @@
-"""dprpipe.dpr_format: reading DPR folders and the streaming JSON list parser, on tiny files written here."""
+"""dprpipe.dpr_format: reading DPR folders (DPR's release as it ships: gzipped biencoder files, psgs_w100,
+QA CSV test sets) and the streaming JSON list parser, on tiny files written here."""
 
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
-from dataset_fixtures import assert_data_error, dpr_item, write_dpr
+from dataset_fixtures import (assert_data_error, dpr_item, release_passages, release_tsv, write_dpr,
+                              write_dpr_release, write_lines)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -291,3 +293,162 @@ def test_empty_and_compact_lists(tmp_path):
     assert list(iter_json_array(path)) == []
     path.write_text('[{"a": 1},{"a": [2, 3]} , {"a": "]"}]')
     assert list(iter_json_array(path, chunk_size=3)) == [(1, {"a": 1}), (1, {"a": [2, 3]}), (1, {"a": "]"})]
+
+
+# ---------------------------------------------------------------- DPR's release as it comes
+
+def _release_dataset(folder, **kw):
+    return prepare(PrepareConfig(dataset=str(folder), **kw), warn=lambda m: None)
+
+
+def test_dpr_release_gzipped_reads_as_shipped(tmp_path):
+    files = write_dpr_release(tmp_path / "nq")
+    assert sorted(p.name for p in files.values()) == ["biencoder-toy-dev.json.gz", "biencoder-toy-train.json.gz",
+                                                      "psgs_w100.tsv.gz", "toy-test.csv"]
+    ds, report = _release_dataset(tmp_path / "nq")
+    # the corpus is psgs_w100 exactly: ids from 1, texts and titles as written
+    assert ds.corpus == [Passage(pid, title, text) for pid, text, title in release_passages(12)]
+    train, dev, test = (ds.splits[s] for s in ("train", "dev", "test"))
+    assert [q.id for q in train] == [f"train-{n}" for n in range(6)]
+    assert train[0] == Query("train-0", "what is the kw0a kw0b called", ("ans0",), {"1": 1})
+    assert dev[1] == Query("dev-1", "what is the kw7a kw7b called", ("ans7",), {"8": 1})
+    # the QA CSV test set: questions with their answers, no judgements
+    assert test[0] == Query("test-0", "what is the kw8a kw8b called", ("ans8", "ANS8"), {})
+    assert len(test) == 4
+    assert report["test_queries"] == 4 and report["test_judgements"] == 0
+    # QA questions are judged by their answers: not "unjudged"
+    assert report["checks"] == {"duplicate_ids": 0, "empty_texts": 0, "missing_passages": 0,
+                                "unjudged_queries": 0, "leakage": 0}
+    # hard_negative_ctxs with DPR's BM25 scores, best first; negative_ctxs are not kept
+    assert ds.negatives["train-0"] == [("2", 11.5), ("3", 10.5)]
+    assert ds.negatives["dev-0"] == [("8", 11.5), ("9", 10.5)]
+    assert set(ds.negatives) == {q.id for q in train + dev}
+
+
+def test_dpr_release_plain_and_gzipped_read_the_same(tmp_path):
+    write_dpr_release(tmp_path / "gz")
+    write_dpr_release(tmp_path / "plain", compress=False)
+    assert (tmp_path / "plain" / "psgs_w100.tsv").is_file()
+    gz, plain = _release_dataset(tmp_path / "gz")[0], _release_dataset(tmp_path / "plain")[0]
+    assert (gz.corpus, gz.splits, gz.negatives) == (plain.corpus, plain.splits, plain.negatives)
+
+
+def test_gzip_is_streamed_and_its_lines_are_the_texts(tmp_path):
+    # a gzipped file in several gzip members (as `cat a.gz b.gz` makes) reads as one text
+    import gzip
+
+    passages = release_passages(30)
+    text = release_tsv(passages)
+    half = text.index(b"\n16\t") + 1
+    path = tmp_path / "psgs_w100.tsv.gz"
+    path.write_bytes(gzip.compress(text[:half]) + gzip.compress(text[half:]))
+    from dprpipe.dpr_format import read_dpr_passages
+
+    got = [(line, p.id) for line, p in read_dpr_passages(path)]
+    assert got == [(n + 2, str(n + 1)) for n in range(30)]
+
+
+@pytest.mark.parametrize("where", ["tsv", "json"])
+def test_truncated_gzip_names_the_line_where_its_text_ends(tmp_path, where):
+    import zlib
+
+    files = write_dpr_release(tmp_path / "nq", n_passages=200, train=range(0, 150))
+    path = files["passages" if where == "tsv" else "train"]
+    data = path.read_bytes()
+    cut = data[: len(data) * 2 // 3]
+    path.write_bytes(cut)
+    text = zlib.decompressobj(31).decompress(cut)     # the reference: what the cut file still holds
+    with pytest.raises(DataError, match="ends early") as e:
+        _release_dataset(tmp_path / "nq")
+    assert_data_error(e, path, text.count(b"\n") + 1)
+
+
+def test_not_a_gzip_file_and_a_gzip_without_gz_name(tmp_path):
+    files = write_dpr_release(tmp_path / "nq")
+    data = files["passages"].read_bytes()
+    files["passages"].write_bytes(b"id\ttext\ttitle\n")          # named .gz, not compressed
+    with pytest.raises(DataError, match="not a gzip file") as e:
+        _release_dataset(tmp_path / "nq")
+    assert_data_error(e, files["passages"], None)
+    files["passages"].unlink()
+    (tmp_path / "nq" / "psgs_w100.tsv").write_bytes(data)        # compressed, named .tsv
+    with pytest.raises(DataError, match="looks gzip-compressed") as e:
+        _release_dataset(tmp_path / "nq")
+    assert_data_error(e, tmp_path / "nq" / "psgs_w100.tsv", 1)
+
+
+def test_passage_id_missing_from_the_passages_file(tmp_path):
+    write_dpr_release(tmp_path / "nq", compress=False)
+    path = tmp_path / "nq" / "biencoder-toy-train.json"
+    items = json.loads(path.read_text())
+    items[3]["hard_negative_ctxs"][1]["passage_id"] = "777"
+    path.write_text(json.dumps(items, indent=4))
+    start = 2 + sum(len(json.dumps(it, indent=4).splitlines()) for it in items[:3])
+    with pytest.raises(DataError, match="passage_id '777' of 'hard_negative_ctxs' is not in psgs_w100.tsv") as e:
+        _release_dataset(tmp_path / "nq")
+    assert_data_error(e, path, start)
+
+
+def test_provided_negatives_scores():
+    from dprpipe.dpr_format import provided_negatives
+
+    # no scores (or not all numeric): reciprocal rank of the file's order
+    assert provided_negatives([("a", None), ("b", "7"), ("c", 2.0)], []) == [("a", 1.0), ("b", 0.5), ("c", 0.3333)]
+    # all numeric: sorted by score, ties in file order; positives and repeats left out
+    assert provided_negatives([("a", 1), ("b", 5), ("p", 9), ("c", 5), ("b", 0.1)], ["p"]) == \
+        [("b", 5.0), ("c", 5.0), ("a", 1.0)]
+    assert provided_negatives([("a", True)], []) == [("a", 1.0)]         # a bool is not a score
+    assert provided_negatives([("a", float("nan")), ("b", 1)], []) == [("a", 1.0), ("b", 0.5)]
+    assert provided_negatives([], []) == []
+
+
+def test_files_without_hard_negatives_provide_none(tmp_path):
+    items = [dpr_item(f"q{i}", ["a"], positives=[{"title": "", "text": f"p{i}", "passage_id": str(i)}])
+             for i in range(3)]
+    items_hard = [dpr_item("qh", ["a"], positives=[{"title": "", "text": "ph", "passage_id": "h1"}],
+                           hard=[{"title": "", "text": "p0", "passage_id": "0"}])]
+    ds = read_dataset(write_dpr(tmp_path / "dpr", {"train": items, "dev": items_hard}))
+    assert ds.negatives == {"dev-0": [("0", 1.0)]}
+
+
+# ---------------------------------------------------------------- QA CSV test sets
+
+@pytest.mark.parametrize("line,question,answers", [
+    ("who got the first nobel prize in physics\t['Wilhelm Conrad Röntgen']",
+     "who got the first nobel prize in physics", ("Wilhelm Conrad Röntgen",)),
+    ('when was it built\t["1889", "in 1889"]', "when was it built", ("1889", "in 1889")),
+    # csv-quoted fields (the csv module quotes a field holding a quote): a Python list with "
+    ('"what did ""he"" say"\t"[\'hi\', ""it\'s""]"', 'what did "he" say', ("hi", "it's")),
+    ("caf\u00e9?\t['\\u00e9t\u00e9']", "caf\u00e9?", ("\u00e9t\u00e9",)),
+    ("trailing cr\t['x']\r", "trailing cr", ("x",)),
+])
+def test_qa_csv_rows(tmp_path, line, question, answers):
+    folder = tmp_path / "qa"
+    write_lines(folder / "nq-test.csv", [line])
+    write_lines(folder / "passages.tsv", ["id\ttext\ttitle", "1\tsome text\tT"])
+    ds = read_dataset(folder)
+    assert ds.splits == {"test": [Query("test-0", question, answers, {})]}
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("a question and no answers", "no answer list"),
+    ("q\t['a']\textra", "expected 2 tab-separated columns"),
+    ("q\t[Paris]", "is not a JSON list of strings"),
+    ("q\t['unclosed", "is not a JSON list of strings"),
+    ("q\t__import__('os')", "is not a JSON list of strings"),    # never evaluated
+    ("q\t'Paris'", "must be a list of strings, got str"),
+    ("q\t[1, 2]", "must be a list of strings"),
+    ("q\t[]", "the answer list is empty"),
+    ("q\t['\\ud800']", "unpaired UTF-16 surrogate"),
+    ('q\t["\\ud800"]', "unpaired UTF-16 surrogate"),
+    ("q\t" + "[" * 5000 + "]" * 5000, "not a JSON list of strings|nested too deeply"),
+    ("q\0\t['a']", "NUL byte"),
+])
+def test_bad_qa_csv_row_names_file_and_line(tmp_path, line, problem):
+    folder = tmp_path / "qa"
+    path = write_lines(folder / "nq-test.csv", ["fine one\t['a']", "", line, "fine two\t['b']"])
+    write_lines(folder / "passages.tsv", ["id\ttext\ttitle", "1\tsome text\tT"])
+    with pytest.raises(DataError, match=problem) as e:
+        read_dataset(folder)
+    assert_data_error(e, path, 3)
+    assert "\n" not in str(e.value)

@@ -1,8 +1,10 @@
 """Property-based bad input for every reader: each failure is one DataError naming the file and the line.
 
 A valid tiny dataset is written, then one line (or one byte range) of one input file is
-damaged: truncated, cut into invalid UTF-8, given wrongly typed or missing fields, unusable
-ids, lone surrogates, huge numbers, deep nesting, NUL bytes, huge lines, garbage. The
+damaged: truncated (a gzipped file too), cut into invalid UTF-8, given wrongly typed or missing
+fields, unusable ids, lone surrogates, huge numbers, deep nesting, NUL bytes, huge lines,
+garbage, QA CSV rows without an answer list or with one that is no list of strings, passage ids
+that the passages file lacks. The
 prepare stage runs in this process on the result and must either succeed (where the damage
 leaves valid data) or stop with exactly one `error: <file>:<line>: <problem>` line for the
 damaged line, having written nothing. params.yaml (through stages/stage_cli.py load_params) and
@@ -36,6 +38,7 @@ from dprpipe.records import read_corpus, read_queries
 ROOT = Path(__file__).resolve().parents[1]
 PREPARE = str(ROOT / "stages" / "prepare.py")
 sys.path.insert(0, str(ROOT / "stages"))
+from dataset_fixtures import write_dpr_release  # noqa: E402
 from stage_cli import load_params  # noqa: E402  (the stages' own params reader)
 
 CASES: Counter = Counter()
@@ -370,6 +373,113 @@ def test_dpr_json_bytes(data, indent):
     CASES["DPR biencoder JSON (bytes)"] += 1
 
 
+# ---------------------------------------------------------------- DPR's release as it ships: gzip, QA CSV, passage ids
+
+@FUZZ
+@given(data=st.data(), which=st.sampled_from(["passages", "train"]))
+def test_truncated_gzip(data, which):
+    # a download cut short: every cut of a .gz file is an error at the line where its text ends
+    import zlib
+
+    with tempfile.TemporaryDirectory() as d:
+        files = write_dpr_release(Path(d) / "ds", n_passages=40, train=range(0, 30), dev=range(30, 34),
+                                  test=range(34, 40))
+        path = files[which]
+        raw = path.read_bytes()
+        at = data.draw(st.integers(1, len(raw) - 1))
+        event(f"{which} cut at {'header' if at < 10 else 'trailer' if at > len(raw) - 8 else 'data'}")
+        path.write_bytes(raw[:at])
+        if at < 2:   # not even the two magic bytes: not recognisable as gzip
+            line, problem = None, "not a gzip file"
+        else:
+            line, problem = zlib.decompressobj(31).decompress(raw[:at]).count(b"\n") + 1, "ends early"
+        check_outcome(Path(d), files["passages"].parent, path, line, False, problem)
+    CASES["gzip (truncated)"] += 1
+
+
+@st.composite
+def qa_row_damage(draw):
+    """(kind, row bytes, ok: True/False/None, problem regex) for one row of a QA CSV test set."""
+    kind = draw(st.sampled_from(["no_answers", "not_json", "json_value", "python", "csv_quoted", "empty_list",
+                                 "columns", "question", "bad_utf8", "nul", "huge", "truncate", "garbage"]))
+    event(kind)
+    question = "what is the kw9a kw9b called"
+    if kind == "no_answers":
+        return kind, question.encode(), False, "no answer list"
+    if kind == "not_json":          # bare words or numbers: neither JSON nor a Python literal list
+        words = draw(st.text(alphabet="abcXYZ019 _", min_size=1, max_size=12).filter(lambda t: t.strip()))
+        return kind, f"{question}\t{words}".encode(), False, "answer list"
+    if kind == "json_value":
+        value = draw(json_values)
+        ok = isinstance(value, list) and bool(value) and all(isinstance(a, str) for a in value)
+        return kind, f"{question}\t{json.dumps(value)}".encode(), ok, "answer list"
+    texts = st.lists(st.text(max_size=6), min_size=1, max_size=3)
+    if kind == "python":            # DPR's own form: str(list), quotes chosen by Python
+        return kind, f"{question}\t{draw(texts)!r}".encode(), True, ""
+    if kind == "csv_quoted":        # as the csv module writes a field holding a quote
+        answers = draw(texts) + ['say "hi"']
+        field = '"' + repr(answers).replace('"', '""') + '"'
+        return kind, f"{question}\t{field}".encode(), True, ""
+    if kind == "empty_list":
+        return kind, f"{question}\t{draw(st.sampled_from(['[]', ' [ ] ']))}".encode(), False, "empty"
+    if kind == "columns":
+        return kind, f"{question}\t['a']\t{draw(st.text(max_size=4))}".encode("utf-8", "surrogatepass"), False, \
+            "tab-separated columns"
+    if kind == "question":          # any question text: the reader takes it (a blank one is a warning)
+        text = draw(st.text(max_size=12).filter(lambda t: not any(c in t for c in "\t\n\r\x00")))
+        return kind, f"{text}\t['a']".encode("utf-8", "surrogatepass"), None, ""
+    line = f"{question}\t['ans9']".encode()
+    if kind == "bad_utf8":
+        at = draw(st.integers(0, len(line)))
+        return kind, line[:at] + draw(st.sampled_from(BAD_UTF8)) + line[at:], False, "not valid UTF-8"
+    if kind == "nul":
+        at = draw(st.integers(0, len(line)))
+        return kind, line[:at] + b"\x00" + line[at:], False, "NUL byte"
+    if kind == "huge":
+        return kind, line + b"x" * draw(st.integers(MAX_LINE, 2 * MAX_LINE)), False, "line longer than"
+    if kind == "truncate":          # a CSV has no end marker: a cut can still be a valid row
+        return kind, line[:draw(st.integers(1, len(line) - 1))], None, ""
+    garbage = draw(st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b and b.strip()))
+    return kind, garbage, None, ""
+
+
+@FUZZ
+@given(data=st.data(), k=st.integers(0, 3))
+def test_qa_csv(data, k):
+    kind, row, ok, problem = data.draw(qa_row_damage())
+    with tempfile.TemporaryDirectory() as d:
+        files = write_dpr_release(Path(d) / "ds", compress=False)
+        rows = files["test"].read_bytes().splitlines()
+        rows.insert(k, row)                               # the damaged row is line k + 1
+        files["test"].write_bytes(b"\n".join(rows) + b"\n")
+        check_outcome(Path(d), files["test"].parent, files["test"], k + 1, ok, problem)
+    CASES["QA CSV"] += 1
+
+
+@FUZZ
+@given(data=st.data(), k=st.integers(0, 5), key=st.sampled_from(["positive_ctxs", "negative_ctxs",
+                                                                  "hard_negative_ctxs"]))
+def test_passage_id_missing_from_passages_file(data, k, key):
+    # a biencoder record naming a passage that psgs_w100.tsv lacks: the files are not from one release
+    pid = data.draw(st.one_of(st.integers(13, 10**9), st.text(min_size=1, max_size=6).filter(
+        lambda t: t.strip() and not any(c in t for c in "\t\n\r") and not t.strip().isdigit())))
+    with tempfile.TemporaryDirectory() as d:
+        files = write_dpr_release(Path(d) / "ds", compress=data.draw(st.booleans()))
+        import gzip
+
+        path = files["train"]
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            items = json.load(f)
+        items[k][key][-1]["passage_id"] = pid
+        text = json.dumps(items, indent=4)
+        with opener(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+        start = 2 + sum(len(json.dumps(it, indent=4).splitlines()) for it in items[:k])
+        check_outcome(Path(d), path.parent, path, start, False, f"passage_id .* of '{key}' is not in psgs_w100")
+    CASES["DPR passage ids"] += 1
+
+
 # ---------------------------------------------------------------- params.yaml
 
 PARAMS_LINES = (ROOT / "params.yaml").read_text().splitlines()
@@ -501,14 +611,22 @@ def test_prepared_files(data, k, which):
 
 # ---------------------------------------------------------------- real processes, and the count
 
-@pytest.mark.parametrize("damage", ["dpr_truncated", "qrels_binary", "params_tab"])
+@pytest.mark.parametrize("damage", ["dpr_truncated", "gzip_truncated", "qrels_binary", "params_tab"])
 def test_stage_process_prints_one_error_line_and_writes_nothing(tmp_path, damage):
     import subprocess
 
     folder = tmp_path / "ds"
     folder.mkdir()
     params = {"prepare": {"dataset": str(folder)}}
-    if damage == "dpr_truncated":
+    if damage == "gzip_truncated":
+        import zlib
+
+        path = write_dpr_release(folder)["train"]
+        cut = path.read_bytes()[:-9]                    # the last compressed byte and the trailer
+        path.write_bytes(cut)
+        line = zlib.decompressobj(31).decompress(cut).count(b"\n") + 1   # where the text still there ends
+        expected = f"error: {path}:{line}: the compressed file ends early"
+    elif damage == "dpr_truncated":
         text = json.dumps(dpr_items(), indent=2)
         (folder / "train.json").write_text(text[: len(text) // 2])
         expected = f"error: {folder / 'train.json'}:"
@@ -538,4 +656,4 @@ def test_zz_cases_tried():
         pytest.skip("run with the fuzz tests above")
     print("\nbad-input cases tried: " + ", ".join(f"{k}: {v}" for k, v in sorted(CASES.items()))
           + f"; total {sum(CASES.values())}")
-    assert len(CASES) == 9 and min(CASES.values()) >= 20
+    assert len(CASES) == 12 and min(CASES.values()) >= 20

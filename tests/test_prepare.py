@@ -1,13 +1,18 @@
 """dprpipe.prepare: format detection, passage splitting, the dev hold-out and the prepare step end to end."""
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 from dataset_fixtures import (BEIR_CORPUS, BEIR_QUERIES, assert_data_error, beir_dataset, dpr_item, write_beir,
-                              write_dpr)
+                              write_dpr, write_dpr_release)
 
+from dprpipe.dpr_format import dpr_files
 from dprpipe.io import DataError
-from dprpipe.prepare import (PrepareConfig, carry_labels, detect_format, hold_out, prepare, read_dataset,
-                             split_passages)
-from dprpipe.records import Passage, Query
+from dprpipe.prepare import (PrepareConfig, carry_labels, detect_format, hold_out, negative_records, prepare,
+                             read_dataset, split_passages)
+from dprpipe.records import Dataset, Passage, Query
 
 
 def test_detect_format(tmp_path):
@@ -262,3 +267,135 @@ def test_split_positives_work_for_mining_sampling_and_validation(tmp_path):
     val = validate(tiny_encoder(), data, TrainConfig(val_negatives=2), pid)
     pool = gold["q1"] | gold["q2"] | {d for hits in negs.values() for d in hits[:2]}
     assert val["pool"] == len(pool) and 0 <= val["avg_rank"] < len(pool) and 0 < val["ndcg@10"] <= 1
+
+
+# ---------------------------------------------------------------- DPR files: named in prepare.files or found by name
+
+def _touch(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("")
+    return folder
+
+
+@pytest.mark.parametrize("names,found", [
+    (["train.json", "dev.json", "test.json", "passages.tsv"],
+     {"train": "train.json", "dev": "dev.json", "test": "test.json", "passages": "passages.tsv"}),
+    (["biencoder-nq-train.json.gz", "biencoder-nq-dev.json.gz", "nq-test.csv", "psgs_w100.tsv.gz"],
+     {"train": "biencoder-nq-train.json.gz", "dev": "biencoder-nq-dev.json.gz", "test": "nq-test.csv",
+      "passages": "psgs_w100.tsv.gz"}),
+    (["biencoder-trivia-dev.json", "trivia-test.csv.gz", "README.md", "nq-train.csv"],
+     {"dev": "biencoder-trivia-dev.json", "test": "trivia-test.csv.gz"}),
+    (["test.json.gz"], {"test": "test.json.gz"}),
+])
+def test_dpr_files_found_by_name(tmp_path, names, found):
+    folder = _touch(tmp_path / "d", *names)
+    assert {role: p.name for role, p in dpr_files(folder).items()} == found
+    assert detect_format(folder) == "dpr"
+
+
+@pytest.mark.parametrize("names,role", [
+    (["biencoder-nq-train.json.gz", "biencoder-trivia-train.json.gz"], "train"),
+    (["train.json", "train.json.gz"], "train"),
+    (["test.json", "nq-test.csv"], "test"),
+    (["train.json", "psgs_w100.tsv", "psgs_w100.tsv.gz"], "passages"),
+])
+def test_ambiguous_names_are_one_error_listing_the_candidates(tmp_path, names, role):
+    folder = _touch(tmp_path / "d", *names)
+    with pytest.raises(DataError, match=f"cannot tell which file is the {role}") as e:
+        dpr_files(folder)
+    assert_data_error(e, folder, None)
+    candidates = sorted(n for n in names if n not in ("train.json",) or role == "train")
+    assert str(e.value).endswith(f"{', '.join(candidates)}; name one in prepare.files.{role}")
+    # naming the file settles it, and the other roles are still found by name
+    chosen = candidates[0]
+    assert dpr_files(folder, {role: chosen})[role] == folder / chosen
+
+
+def test_prepare_files_names_files_and_refuses_what_is_not_there(tmp_path):
+    folder = _touch(tmp_path / "d", "q.json", "my-corpus.tsv.gz", "other.csv")
+    got = dpr_files(folder, {"train": "q.json", "test": "other.csv", "passages": "my-corpus.tsv.gz"})
+    assert got == {"train": folder / "q.json", "test": folder / "other.csv", "passages": folder / "my-corpus.tsv.gz"}
+    with pytest.raises(DataError, match=r"file not found \(named by prepare.files.dev\)") as e:
+        dpr_files(folder, {"train": "q.json", "dev": "nope.json"})
+    assert_data_error(e, folder / "nope.json", None)
+    with pytest.raises(DataError, match="the passages file must be a .tsv file") as e:
+        dpr_files(folder, {"train": "q.json", "passages": "other.csv"})
+    assert_data_error(e, folder / "other.csv", None)
+    with pytest.raises(DataError, match=r"the train file must be a .json \(biencoder\) or .csv"):
+        dpr_files(folder, {"train": "my-corpus.tsv.gz"})
+    # prepare.files alone makes a folder DPR, even one with a corpus.jsonl
+    beir = beir_dataset(tmp_path / "beir")
+    (beir / "q.json").write_text("[]")
+    assert detect_format(beir) == "beir" and detect_format(beir, {"train": "q.json"}) == "dpr"
+
+
+def test_no_question_files(tmp_path):
+    folder = _touch(tmp_path / "d", "psgs_w100.tsv")
+    with pytest.raises(DataError, match="no DPR question files found") as e:
+        dpr_files(folder)
+    assert_data_error(e, folder, None)
+    with pytest.raises(DataError, match="cannot tell the format"):
+        detect_format(folder)
+
+
+def test_prepare_files_in_params(tmp_path):
+    from dprpipe.config import ConfigError, from_mapping
+
+    cfg = from_mapping(PrepareConfig, {"files": {"test": "nq-test.csv", "passages": "psgs_w100.tsv.gz"}}, "prepare")
+    assert cfg.files == {"test": "nq-test.csv", "passages": "psgs_w100.tsv.gz"}
+    assert PrepareConfig().files == {} == from_mapping(PrepareConfig, {"files": {}}, "prepare").files
+    for files, problem in [({"corpus": "x.tsv"}, "files: unknown role 'corpus'"),
+                           ({"test": "/abs/nq-test.csv"}, "files.test: '/abs/nq-test.csv' is not a file name inside"),
+                           ({"test": "../nq-test.csv"}, "is not a file name inside"),
+                           ({"test": " "}, "is not a file name inside"),
+                           ({"test": 3}, "prepare.files.test: expected str, got int"),
+                           ({1: "x"}, "prepare.files key: expected str, got int"),
+                           (["nq-test.csv"], "prepare.files: expected a mapping")]:
+        with pytest.raises(ConfigError, match=re.escape(problem)) as e:
+            from_mapping(PrepareConfig, {"files": files}, "prepare")
+        assert e.value.key == "files"
+    with pytest.raises(ConfigError, match="cannot be used with format beir"):
+        from_mapping(PrepareConfig, {"files": {"test": "t.csv"}, "format": "beir"}, "prepare")
+
+
+def test_prepare_writes_provided_negatives_in_the_mine_stage_format(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dprpipe.io import read_jsonl
+
+    files = write_dpr_release(tmp_path / "nq", train=range(0, 10), dev=range(0, 0), test=range(10, 12))
+    files["dev"].unlink()                     # no dev split: prepare holds one out of train
+    root = Path(__file__).resolve().parents[1]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {"dataset": str(tmp_path / "nq"), "dev_fraction": 0.2}}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(root / "stages" / "prepare.py"), "--params", str(params),
+                        "--out", str(out / "prepared"), "--report", str(out / "data.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "prepared").rglob("*.jsonl")) == \
+        ["prepared/corpus.jsonl", "prepared/dev.jsonl", "prepared/negatives/dev.jsonl",
+         "prepared/negatives/train.jsonl", "prepared/test.jsonl", "prepared/train.jsonl"]
+    # one line per question of each split, in its order; the test split (QA CSV) provides none
+    for split in ("train", "dev"):
+        qids = [o["id"] for _, o in read_jsonl(out / "prepared" / f"{split}.jsonl")]
+        lines = (out / "prepared" / "negatives" / f"{split}.jsonl").read_text().splitlines()
+        n = {q: int(q.split("-")[1]) for q in qids}
+        # byte for byte what the mine stage writes: json.dumps of {"id", "negatives": [[docid, score]]}
+        assert lines == [json.dumps({"id": q, "negatives": [[str(n[q] + 2), 11.5], [str(n[q] + 3), 10.5]]})
+                         for q in qids]
+    assert len(qids) == 2
+    # a BEIR folder provides none: nothing to write
+    ds, _ = prepare(PrepareConfig(dataset=str(beir_dataset(tmp_path / "beir"))))
+    assert ds.negatives == {} and negative_records(ds) == {}
+
+
+def test_negative_records_follow_split_documents():
+    ds = Dataset(corpus=[], splits={"train": [Query("q1", "t"), Query("q2", "u")], "dev": [Query("q3", "v")]},
+                 pieces={"d": ["d#0", "d#1"]}, negatives={"q2": [("d", 2.5), ("e", 1.0)], "q1": []})
+    assert negative_records(ds) == {"train": [{"id": "q1", "negatives": []},
+                                              {"id": "q2", "negatives": [["d#0", 2.5], ["d#1", 2.5], ["e", 1.0]]}]}
