@@ -2,8 +2,12 @@
 
 Each step takes `batch_size` questions; each brings one positive (sampled per epoch among
 its judged positives) and `hard_negatives` passages sampled from the top `negative_pool` of
-its mined BM25 negatives (a question without mined negatives falls back to random passages,
-as in DPR). The batch's loss and gradient (masks, DDP, gradient caching) are `loss`'s.
+its mined negatives (a question without mined negatives falls back to random passages, as in
+DPR). `negatives` names their sources: BM25's (`mine`), the encoder's own ranking
+(`dense_mine`), the dataset's (`provided`), or several joined by "+", interleaved best first.
+Validation always ranks the dev questions against their BM25 negatives, so candidates trained
+on different negatives are compared on the same pool. The batch's loss and gradient (masks,
+DDP, gradient caching) are `loss`'s.
 
 Sampling for epoch e is drawn from a generator seeded by (seed, e), and the training state
 (weights, optimiser, schedule, RNG, position) is saved every `checkpoint_every` steps, so a
@@ -46,15 +50,19 @@ from .loss import Towers, step_gradients
 from .model import DualEncoder, passage_texts
 from .records import Passage, Query
 
-__all__ = ["TrainConfig", "TrainData", "epoch_batches", "seed_everything", "state_folder", "train", "validate"]
+__all__ = ["NEGATIVE_SOURCES", "TrainConfig", "TrainData", "epoch_batches", "interleave", "seed_everything",
+           "state_folder", "train", "validate"]
+
+NEGATIVE_SOURCES = ("bm25", "dense", "provided")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
-    hard_negatives: int = 1        # BM25 negatives per question (0 = in-batch only)
+    hard_negatives: int = 1        # mined negatives per question (0 = in-batch only)
     negative_pool: int = 30        # sample them from this many top mined negatives
+    negatives: str = "bm25"        # their source: bm25 | dense | provided, or several joined by "+"
     lr: float = 5e-5
     warmup_ratio: float = 0.1      # linear warm-up, then linear decay to 0
     weight_decay: float = 0.01
@@ -77,8 +85,15 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1, epochs and hard_negatives >= 0")
         if self.nproc < 1:
             raise ValueError(f"nproc must be >= 1, got {self.nproc}")
+        unknown = [s for s in self.negative_sources() if s not in NEGATIVE_SOURCES]
+        if unknown or not self.negatives:
+            raise ValueError(f"unknown negatives {self.negatives!r}; expected one of {', '.join(NEGATIVE_SOURCES)} "
+                             "or several joined by '+'")
         if self.grad_cache_chunk < 0:
             raise ValueError(f"grad_cache_chunk must be >= 0 (0: off), got {self.grad_cache_chunk}")
+
+    def negative_sources(self) -> list[str]:
+        return self.negatives.split("+")
 
 
 @dataclass
@@ -87,6 +102,21 @@ class TrainData:
     train: Sequence[Query]
     dev: Sequence[Query]
     negatives: Mapping[str, Sequence[str]]  # qid -> mined negative ids, best first
+    val_negatives: Mapping[str, Sequence[str]] | None = None  # for the dev pool; None: `negatives`
+
+
+def interleave(sources: Sequence[Mapping[str, Sequence[str]]]) -> dict[str, list[str]]:
+    """Merge negative lists per question: first of each source, then second of each, ..., no repeats.
+
+    >>> interleave([{"q": ["a", "b", "c"]}, {"q": ["b", "d"], "r": ["e"]}])
+    {'q': ['a', 'b', 'd', 'c'], 'r': ['e']}
+    """
+    out: dict[str, list[str]] = {}
+    for qid in dict.fromkeys(q for src in sources for q in src):
+        lists = [src.get(qid, []) for src in sources]
+        merged = (d for rank in range(max(map(len, lists))) for lst in lists if rank < len(lst) for d in [lst[rank]])
+        out[qid] = list(dict.fromkeys(merged))
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -124,8 +154,9 @@ def validate(model: DualEncoder, data: TrainData, cfg: TrainConfig, pid_index: M
     dev = [q for q in data.dev if q.positives]
     if not dev:
         return {}
+    val_negs = data.negatives if data.val_negatives is None else data.val_negatives
     pool = sorted({pid_index[d] for q in dev for d in q.positives if d in pid_index}
-                  | {pid_index[d] for q in dev for d in data.negatives.get(q.id, [])[:cfg.val_negatives]
+                  | {pid_index[d] for q in dev for d in val_negs.get(q.id, [])[:cfg.val_negatives]
                      if d in pid_index})
     p = encode_texts(model, passage_texts([data.corpus[i] for i in pool], model.cfg.use_title), "passage")
     q = encode_texts(model, [x.text for x in dev], "query")

@@ -29,9 +29,9 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 # the stages each flow runs, in dvc.yaml's order
-MINING = ("prepare", "mine")
+MINING = ("prepare", "mine", "encode_zeroshot", "mine_dense")   # dense negatives come from the zero-shot embeddings
 TRAINING = ("train",)
-ENCODING = ("encode_zeroshot", "encode", "index_zeroshot", "index")
+ENCODING = ("encode", "index_zeroshot", "index")
 EVALUATION = ("evaluate",)
 
 RETRIEVAL_METRICS = "metrics/retrieval.json"   # the evaluate stage's metrics file (dvc.yaml)

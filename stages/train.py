@@ -1,4 +1,9 @@
-"""train: fine-tune the dual encoder with in-batch and BM25 hard negatives.
+"""train: fine-tune the dual encoder with in-batch and mined hard negatives.
+
+--negatives SOURCE=FOLDER (repeatable) names each source's folder of <split>.jsonl negatives:
+bm25 (the mine stage), dense (mine_dense), provided (the dataset's, written by prepare);
+`train.negatives` picks which of them training samples from. The dev pool of validation is
+always BM25's, so every choice of negatives is validated on the same pool.
 
 Outputs: the best checkpoint (a Hugging Face folder, --out), the training record of the kept
 epoch as a metrics JSON and the per-epoch history as a plot CSV. --state names a scratch folder,
@@ -20,7 +25,7 @@ from dprpipe import distributed
 from dprpipe.records import read_corpus, read_queries
 from dprpipe.io import DataError, atomic_write, read_jsonl, write_json
 from dprpipe.model import DualEncoder, EncoderConfig
-from dprpipe.train import TrainConfig, TrainData, train
+from dprpipe.train import TrainConfig, TrainData, interleave, train
 
 
 def read_negatives(folder: Path) -> dict[str, list[str]]:
@@ -33,6 +38,16 @@ def read_negatives(folder: Path) -> dict[str, list[str]]:
                 raise DataError(path, lineno, 'expected {"id": ..., "negatives": [[docid, score], ...]}; '
                                 "rerun the mine stage") from None
     return negs
+
+
+def negative_folders(specs: list[str]) -> dict[str, Path]:
+    """SOURCE=FOLDER arguments as {source: folder}; a bare FOLDER is BM25's."""
+    out = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        name, folder = (name, folder) if sep else ("bm25", name)
+        out[name] = Path(folder)
+    return out
 
 
 def relaunch(nproc: int) -> int:
@@ -52,7 +67,8 @@ def main() -> None:
     p.add_argument("--corpus", required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--dev", required=True)
-    p.add_argument("--negatives", required=True, help="folder of mined negatives (<split>.jsonl)")
+    p.add_argument("--negatives", action="append", required=True, metavar="SOURCE=FOLDER",
+                   help="a source's folder of <split>.jsonl negatives (bm25=, dense=, provided=; repeatable)")
     p.add_argument("--out", required=True, help="best checkpoint folder")
     p.add_argument("--state", required=True, help="scratch folder for resumable training states")
     p.add_argument("--metrics", required=True, help="training metrics JSON")
@@ -75,8 +91,18 @@ def _train(args, enc: EncoderConfig, cfg: TrainConfig) -> list[dict]:
     if distributed.is_main() and distributed.world_size() != cfg.nproc:
         print(f"note: {distributed.world_size()} process(es) train (train.nproc is {cfg.nproc}); "
               f"a global batch is {distributed.world_size() * cfg.batch_size} questions")
+    folders = negative_folders(args.negatives)
+    missing = [s for s in cfg.negative_sources() + ["bm25"] if s not in folders]
+    if missing:
+        sys.exit(f"error: train.negatives needs the {', '.join(missing)} negatives but no --negatives "
+                 f"{missing[0]}=FOLDER was given (dvc.yaml's train command)")
+    for s in set(cfg.negative_sources() + ["bm25"]):
+        if not folders[s].is_dir():
+            sys.exit(f"error: train.negatives uses the {s} negatives but {folders[s]} is not a folder"
+                     + (" (the dataset provides none)" if s == "provided" else "; run the stage that writes it"))
+    train_negs = interleave([read_negatives(folders[s]) for s in cfg.negative_sources()])
     data = TrainData(read_corpus(args.corpus), read_queries(args.train), read_queries(args.dev),
-                     read_negatives(Path(args.negatives)))
+                     train_negs, val_negatives=read_negatives(folders["bm25"]))
     model, _ = DualEncoder.load(enc.model, enc)
     model.to(distributed.device())
     return train(model, data, cfg, args.out, args.state)  # progress bar on rank 0 only

@@ -12,6 +12,7 @@ from dprpipe.config import from_mapping
 from dprpipe.encode import EncodeConfig
 from dprpipe.evaluate import EvaluateConfig
 from dprpipe.index import IndexConfig
+from dprpipe.dense_mine import DenseMineConfig
 from dprpipe.mine import MineConfig
 from dprpipe.model import EncoderConfig
 from dprpipe.prepare import PrepareConfig
@@ -19,7 +20,7 @@ from dprpipe.promote import GateConfig
 from dprpipe.train import TrainConfig
 
 PARAMS = pathlib.Path(__file__).parents[1] / "params.yaml"
-SECTIONS = {"prepare": PrepareConfig, "mine": MineConfig, "model": EncoderConfig, "train": TrainConfig,
+SECTIONS = {"prepare": PrepareConfig, "mine": MineConfig, "mine_dense": DenseMineConfig, "model": EncoderConfig, "train": TrainConfig,
             "encode": EncodeConfig, "index": IndexConfig, "evaluate": EvaluateConfig, "report": ReportConfig,
             "gate": GateConfig}
 """The config each params.yaml section is read into by its stage (`gate`: by the release flow)."""

@@ -139,6 +139,24 @@ def test_train_config_rejects_bad_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="nproc"):
         TrainConfig(nproc=0)
+    with pytest.raises(ValueError, match="unknown negatives 'bm25\\+ance'"):
+        TrainConfig(negatives="bm25+ance")
+    assert TrainConfig(negatives="dense+bm25").negative_sources() == ["dense", "bm25"]
+
+
+def test_validation_ranks_the_dev_pool_of_val_negatives_not_training_negatives():
+    """Candidates trained on other negatives are validated on the same pool (BM25's)."""
+    corpus = [Passage(f"p{i}", "", f"passage {i}") for i in range(6)]
+    dev = [Query("d", "question", relevant={"p0": 1})]
+    cfg = TrainConfig(val_negatives=2)
+    model = tiny_encoder(seed=0, **ENCODER)
+    pid = {p.id: i for i, p in enumerate(corpus)}
+    bm25_pool = train_mod.validate(model, TrainData(corpus, [], dev, {"d": ["p1", "p2", "p3"]}), cfg, pid)
+    same = train_mod.validate(model, TrainData(corpus, [], dev, {"d": ["p4"]}, val_negatives={"d": ["p1", "p2"]}),
+                              cfg, pid)
+    assert bm25_pool["pool"] == same["pool"] == 3
+    assert same == bm25_pool
+    assert train_mod.validate(model, TrainData(corpus, [], dev, {"d": ["p4"]}), cfg, pid)["pool"] == 2
 
 
 # ---------------------------------------------------------------- training runs
