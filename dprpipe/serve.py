@@ -15,8 +15,10 @@ loaded completely in a background thread, then one reference is swapped; a reque
 release it started with, so a swap never fails or mixes a request. A release that fails to
 load is reported on stderr and the old one stays in service.
 
-Queries are encoded by a `QueryBatcher`: concurrent requests' queries wait up to `max_wait`
-seconds and are encoded in one forward pass, which on a CPU costs little more than one query.
+Queries are encoded by a `QueryBatcher`: one worker thread encodes every query waiting when it
+is free in one forward pass (waiting up to `max_wait` seconds for requests already admitted), with
+the bf16 casts of the weights kept between passes. A hybrid request scores BM25 while its query is
+being encoded. The vectors are `encode.encode_texts`' (the offline search's).
 
 `parse_request` checks a raw query string (bytes, as received): q is required, non-blank, valid
 UTF-8 and at most MAX_QUERY_BYTES; k an integer in 1..min(MAX_K, corpus size); mode one of
@@ -27,6 +29,7 @@ Inputs: a release root. Outputs: hits (id, title, text, score) per query and mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -130,31 +133,48 @@ def hybrid_config(record: dict) -> tuple[float, bool]:
 class QueryBatcher:
     """Encode queries from many threads in shared forward passes.
 
-    The first waiting query opens a batch; queries arriving within `max_wait` seconds (up to
-    `max_batch`) join it, but no wait is made once every query `expected()` says is on its way
-    has arrived (a lone client never waits). Queries of different releases (a swap in progress)
-    go in separate passes. One worker thread does all encoding, so torch's threads are not
-    oversubscribed.
+    `submit` queues a query and returns a Future of its vector at once, so the caller can do
+    other work (hybrid's BM25) while it is encoded. When the worker is free it takes every
+    queued query (up to `max_batch`); it waits up to `max_wait` seconds for more only while
+    some announced by `expect` have not been submitted yet (a lone client never waits). Queries of different
+    releases (a swap in progress) go in separate passes. One worker thread does all encoding, so
+    torch's threads are not oversubscribed, and it holds an autocast context open per model, so
+    the bf16 casts of the weights are made once, not on every pass (see `encode_queries`).
     """
 
-    def __init__(self, max_batch: int = 32, max_wait: float = 0.002, expected: Callable[[], int] | None = None):
+    def __init__(self, max_batch: int = 32, max_wait: float = 0.002):
         self.max_batch, self.max_wait = max_batch, max_wait
-        self.expected = expected or (lambda: max_batch)
         self.passes = 0          # forward passes made (queries / passes = the mean batch)
         self._cond = threading.Condition()
         self._queue: list[tuple[object, str, Future]] = []
+        self._expected = 0       # queries announced by `expect`, not submitted yet
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="query-encoder", daemon=True)
         self._thread.start()
 
-    def encode(self, model, text: str) -> np.ndarray:
+    def expect(self, n: int = 1) -> None:
+        """Announce `n` queries about to be submitted (with expected=True), or withdraw them (n < 0)."""
+        with self._cond:
+            self._expected += n
+            self._cond.notify()
+
+    def submit(self, model, text: str, expected: bool = False) -> Future:
+        """Queue a query; the Future's result is its vector (float32 [dim]).
+
+        expected: the query was announced by `expect`; it stops being waited for as it is queued.
+        """
         fut: Future = Future()
         with self._cond:
+            if expected:
+                self._expected -= 1
             if self._closed:
                 raise RuntimeError("the query encoder is closed")
             self._queue.append((model, text, fut))
             self._cond.notify()
-        return fut.result()
+        return fut
+
+    def encode(self, model, text: str) -> np.ndarray:
+        return self.submit(model, text).result()
 
     def close(self) -> None:
         with self._cond:
@@ -162,32 +182,60 @@ class QueryBatcher:
             self._cond.notify()
         self._thread.join()
 
-    def _work(self) -> None:
-        from .encode import encode_texts
+    def _next_batch(self) -> list[tuple[object, str, Future]] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = time.monotonic() + self.max_wait
+            while (len(self._queue) < self.max_batch and self._expected > 0
+                   and (left := deadline - time.monotonic()) > 0):
+                self._cond.wait(left)
+            model = self._queue[0][0]
+            batch = [x for x in self._queue[:self.max_batch] if x[0] is model]
+            taken = {id(x) for x in batch}
+            self._queue = [x for x in self._queue if id(x) not in taken]
+            return batch
 
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                deadline = time.monotonic() + self.max_wait
-                while (len(self._queue) < min(self.max_batch, max(1, self.expected()))
-                       and (left := deadline - time.monotonic()) > 0):
-                    self._cond.wait(left)
-                model = self._queue[0][0]
-                batch = [x for x in self._queue[:self.max_batch] if x[0] is model]
-                taken = {id(x) for x in batch}
-                self._queue = [x for x in self._queue if id(x) not in taken]
-            self.passes += 1
-            try:
-                vecs = encode_texts(model, [t for _, t, _ in batch], "query", batch_size=len(batch))
-            except BaseException as e:  # the waiting requests fail with it; the worker goes on
-                for _, _, fut in batch:
-                    fut.set_exception(e)
-                continue
-            for row, (_, _, fut) in zip(vecs, batch):
-                fut.set_result(row)
+    def _work(self) -> None:
+        from .model import autocast
+
+        held, held_model = contextlib.ExitStack(), None
+        try:
+            while (batch := self._next_batch()) is not None:
+                model = batch[0][0]
+                if model is not held_model:
+                    held.close()   # leaving the outermost autocast drops its casts of the old weights
+                    held, held_model = contextlib.ExitStack(), model
+                    held.enter_context(autocast(model.cfg, next(model.parameters()).device))
+                self.passes += 1
+                try:
+                    vecs = encode_queries(model, [t for _, t, _ in batch])
+                except BaseException as e:  # the waiting requests fail with it; the worker goes on
+                    for _, _, fut in batch:
+                        fut.set_exception(e)
+                    continue
+                for row, (_, _, fut) in zip(vecs, batch):
+                    fut.set_result(row)
+        finally:
+            held.close()
+
+
+def encode_queries(model, texts: list[str]) -> np.ndarray:
+    """Query vectors [len(texts), dim] float32, the computation of `encode.encode_texts` in one pass.
+
+    Under torch.no_grad rather than encode_texts' inference_mode: autocast caches its bf16 casts
+    of the weights only outside inference mode, and only while an enclosing autocast context
+    stays open (the `QueryBatcher` worker holds one). The casts are the same, so are the vectors;
+    without the cache a single query spent about a quarter of its encoding time re-casting weights.
+    """
+    import torch
+
+    from .model import autocast
+
+    with torch.no_grad(), autocast(model.cfg, next(model.parameters()).device):
+        return model.encode_query(model.tokenize_queries(texts)).cpu().numpy()
 
 
 class LoadedRelease:
@@ -222,35 +270,30 @@ class LoadedRelease:
         idx, scores = self.bm25.search([self.analyzer(q)], k, threads=1)
         return [(self.passages[i].id, s) for i, s in zip(idx[0].tolist(), scores[0].tolist()) if s > 0]
 
-    def dense_hits(self, q: str, k: int, encode: Callable[[object, str], np.ndarray]) -> list[tuple[str, float]]:
-        hits, scores = self.searcher.search(encode(self.model, q)[None, :], k)
+    def dense_hits(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        hits, scores = self.searcher.search(vector[None, :], k)
         return list(zip(hits[0], map(float, scores[0])))
 
-    def hybrid_hits(self, q: str, k: int, encode: Callable[[object, str], np.ndarray]) -> list[tuple[str, float]]:
+    def hybrid_hits(self, q: str, k: int, vector: Future) -> list[tuple[str, float]]:
         depth = max(k, HYBRID_DEPTH)
-        fused = hybrid_run({"q": self.bm25_hits(q, depth)}, {"q": self.dense_hits(q, depth, encode)},
+        sparse = self.bm25_hits(q, depth)   # while the query is being encoded
+        fused = hybrid_run({"q": sparse}, {"q": self.dense_hits(vector.result(), depth)},
                            self.hybrid_weight, self.hybrid_normalize, depth=k)
         return fused.get("q", [])
 
-    def search(self, req: SearchRequest, encode: Callable[[object, str], np.ndarray]) -> list[Hit]:
+    def search(self, req: SearchRequest, vector: Future | None = None) -> list[Hit]:
+        """One request's hits; `vector`: a Future of req.q's query vector (dense and hybrid)."""
         if req.mode == "bm25":
             ranked = self.bm25_hits(req.q, req.k)
         elif req.mode == "dense":
-            ranked = self.dense_hits(req.q, req.k, encode)
+            ranked = self.dense_hits(vector.result(), req.k)
         else:
-            ranked = self.hybrid_hits(req.q, req.k, encode)
+            ranked = self.hybrid_hits(req.q, req.k, vector)
         out = []
         for pid, score in ranked:
             p = self.by_id[pid]
             out.append(Hit(pid, p.title, p.text, float(score)))
         return out
-
-
-def direct_encode(model, text: str) -> np.ndarray:
-    """Encode one query without batching (tests, one-off use)."""
-    from .encode import encode_texts
-
-    return encode_texts(model, [text], "query")[0]
 
 
 def load_release(rel: releases.Release) -> LoadedRelease:
@@ -265,9 +308,6 @@ class Service:
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)):
         self.root, self.poll, self.loader, self.log = Path(root), poll, loader, log
         self.batcher = batcher or QueryBatcher()
-        self._encoding = 0                  # requests in flight that need a query vector
-        self._lock = threading.Lock()
-        self.batcher.expected = lambda: self._encoding
         self._current: LoadedRelease | None = None
         self._failed: str | None = None     # a version that failed to load: not retried until current.json changes
         self._stop = threading.Event()
@@ -322,16 +362,17 @@ class Service:
         rel = self._current
         if rel is None:
             raise BadRequest(f"no release is promoted yet under {self.root}", 503)
-        req = parse_request(query_string, rel.n_docs)
+        self.batcher.expect()   # until its query is queued (or it turns out to need none), the encoder may wait for it
+        try:
+            req = parse_request(query_string, rel.n_docs)
+        except BaseException:
+            self.batcher.expect(-1)
+            raise
         if req.mode == "bm25":
-            hits = rel.search(req, self.batcher.encode)
+            self.batcher.expect(-1)
+            vector = None
         else:
-            with self._lock:
-                self._encoding += 1
-            try:
-                hits = rel.search(req, self.batcher.encode)
-            finally:
-                with self._lock:
-                    self._encoding -= 1
+            vector = self.batcher.submit(rel.model, req.q, expected=True)
+        hits = rel.search(req, vector)
         return {"query": req.q, "mode": req.mode, "k": req.k, "version": rel.version,
                 "hits": [asdict(h) for h in hits], "took_ms": round((time.perf_counter() - t0) * 1000, 3)}
