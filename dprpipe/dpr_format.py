@@ -311,7 +311,7 @@ ROLES = ("train", "dev", "test", "passages")
 NAMES = {
     "train": ("train.json", "biencoder-*-train.json"),
     "dev": ("dev.json", "biencoder-*-dev.json"),
-    "test": ("test.json", "biencoder-*-test.json", "*-test.csv"),
+    "test": ("test.json", "biencoder-*-test.json", "*-test.csv", "*-test.qa.csv"),   # nq-test.qa.csv: DPR's URL
     "passages": ("passages.tsv", "psgs_w100.tsv"),
 }
 """The names a role's file is found by when `prepare.files` does not name it; each also with `.gz`."""

@@ -68,8 +68,8 @@ def detect_format(folder: str | os.PathLike, files: Mapping[str, str] | None = N
     if has_dpr_files(folder):
         return "dpr"
     raise DataError(folder, None, "cannot tell the format: expected corpus.jsonl (BEIR) or DPR files "
-                    "({train,dev,test}.json, biencoder-*-{train,dev}.json, *-test.csv, each optionally .gz); "
-                    "or set prepare.format and prepare.files")
+                    "({train,dev,test}.json, biencoder-*-{train,dev}.json, *-test.csv, *-test.qa.csv, "
+                    "each optionally .gz); or set prepare.format and prepare.files")
 
 
 def read_raw(folder: str | os.PathLike, fmt: str = "auto", files: Mapping[str, str] | None = None) -> RawDataset:

@@ -58,3 +58,8 @@ def test_dvc_repro_on_a_dpr_release_with_a_qa_csv_test_split(tmp_path):
         assert "ndcg@10" not in m                # no judgements, no judged metrics
     # each question's key words are in its own passage alone, which holds its answer: BM25 ranks it first
     assert metrics["bm25"]["accuracy@1"] == 1.0
+
+    # the train stage takes DPR's hard negatives as they were written (train.negatives: provided)
+    edit_params(repo, {"train.negatives": "provided"})
+    ran, out = repro(repo)
+    assert "train" in ran and "prepare" not in ran, out[-4000:]

@@ -287,6 +287,8 @@ def _touch(folder, *names):
     (["biencoder-trivia-dev.json", "trivia-test.csv.gz", "README.md", "nq-train.csv"],
      {"dev": "biencoder-trivia-dev.json", "test": "trivia-test.csv.gz"}),
     (["test.json.gz"], {"test": "test.json.gz"}),
+    (["biencoder-nq-train.json", "nq-test.qa.csv", "nq-dev.qa.csv"],      # as DPR's URLs name them
+     {"train": "biencoder-nq-train.json", "test": "nq-test.qa.csv"}),
 ])
 def test_dpr_files_found_by_name(tmp_path, names, found):
     folder = _touch(tmp_path / "d", *names)
@@ -298,6 +300,7 @@ def test_dpr_files_found_by_name(tmp_path, names, found):
     (["biencoder-nq-train.json.gz", "biencoder-trivia-train.json.gz"], "train"),
     (["train.json", "train.json.gz"], "train"),
     (["test.json", "nq-test.csv"], "test"),
+    (["nq-test.csv", "nq-test.qa.csv"], "test"),
     (["train.json", "psgs_w100.tsv", "psgs_w100.tsv.gz"], "passages"),
 ])
 def test_ambiguous_names_are_one_error_listing_the_candidates(tmp_path, names, role):
