@@ -452,3 +452,27 @@ def test_bad_qa_csv_row_names_file_and_line(tmp_path, line, problem):
         read_dataset(folder)
     assert_data_error(e, path, 3)
     assert "\n" not in str(e.value)
+
+
+def test_invalid_utf8_inside_a_gzip_names_its_line(tmp_path):
+    import gzip
+
+    files = write_dpr_release(tmp_path / "nq")
+    lines = gzip.decompress(files["passages"].read_bytes()).split(b"\n")
+    lines[5] = lines[5].replace(b"valley", b"vall\xffey")
+    files["passages"].write_bytes(gzip.compress(b"\n".join(lines)))
+    with pytest.raises(DataError, match="not valid UTF-8") as e:
+        _release_dataset(tmp_path / "nq")
+    assert_data_error(e, files["passages"], 6)
+
+
+def test_corrupt_gzip_data_is_one_error_naming_the_file(tmp_path):
+    files = write_dpr_release(tmp_path / "nq", n_passages=300, train=range(0, 200))
+    data = bytearray(files["train"].read_bytes())
+    for at in range(len(data) // 2, len(data) // 2 + 64):     # a damaged stretch in the middle
+        data[at] ^= 0x5A
+    files["train"].write_bytes(bytes(data))
+    with pytest.raises(DataError) as e:
+        _release_dataset(tmp_path / "nq")
+    # zlib sees the damage (or the JSON it garbled does) at a line of this file
+    assert e.value.path == str(files["train"]) and e.value.line is not None and "\n" not in str(e.value)
