@@ -254,9 +254,13 @@ def parse_answers(field: str, path, lineno) -> list[str]:
                             "(nor a Python one)") from None
     except RecursionError:
         raise DataError(path, lineno, f"the answer list {clip(field)} is nested too deeply") from None
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+    if not isinstance(answers, list):
         raise DataError(path, lineno, f"the answer list {clip(field)} must be a list of strings, "
                         f"got {type(answers).__name__}")
+    odd = [a for a in answers if not isinstance(a, str)]
+    if odd:
+        raise DataError(path, lineno, f"the answer list {clip(field)} must be a list of strings, "
+                        f"but holds {type(odd[0]).__name__} {clip(odd[0])}")
     if not answers:
         raise DataError(path, lineno, "the answer list is empty: a QA question is scored by its answers")
     for a in answers:
