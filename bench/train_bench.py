@@ -23,7 +23,8 @@ The float32 head (`head_precision`, run on its own: `python bench/train_bench.py
 training questions/s (the steps above, default precision) and encoding passages/s (`encode_texts`
 on encode_bench's passage sample) with the pooling, normalisation, similarity and loss in float32,
 as dprpipe runs them, against `previous_head` (the same functions left to autocast, as before),
-the two alternating, each a median over `repeats` short runs, with the load average at each run.
+the two alternating, each a median over `repeats` short runs, with the load average at each run;
+and the similarity and loss alone (forward and backward, one step's shapes), microseconds per call.
 """
 
 from __future__ import annotations
@@ -227,10 +228,10 @@ def head_precision(data: str, repeats: int, steps: int = 2, passages: int = 128)
     after run, so a change in the load hits both alike.
     """
     from encode_bench import sample_passages
-    from measure import cpu_model, load_average
+    from measure import cpu_model, load_average, timed
 
     from dprpipe.encode import encode_texts
-    from dprpipe.model import DualEncoder, EncoderConfig, native_bf16, passage_texts
+    from dprpipe.model import DualEncoder, EncoderConfig, autocast, native_bf16, passage_texts
     from dprpipe.prepare import read_dataset
     from dprpipe.train import TrainConfig, TrainData
 
@@ -253,6 +254,27 @@ def head_precision(data: str, repeats: int, steps: int = 2, passages: int = 128)
                                        "load": [load, load_average()[0]]})
 
     model, _ = DualEncoder.load(enc_cfg.model, enc_cfg)
+    # the similarity and loss alone (forward and backward) at one step's shapes: the part the heads differ in
+    q = torch.randn(cfg.batch_size, model.dim, requires_grad=True)
+    p = torch.randn(cfg.batch_size * (1 + cfg.hard_negatives), model.dim, requires_grad=True)
+    targets = torch.arange(cfg.batch_size)
+
+    def loss_head(iterations=200):
+        from dprpipe import loss
+
+        for _ in range(iterations):
+            with autocast(enc_cfg, torch.device("cpu")):
+                value = loss.compute_loss(loss.compute_similarity(q, p), targets, None, cfg.temperature)
+            value.backward()
+        return iterations
+
+    out["loss_head_us"] = {}
+    for head, ctx in heads.items():
+        with ctx():
+            loss_head(20)
+            t, n = timed(loss_head, repeats)
+        out["loss_head_us"][head] = t.median / n * 1e6
+
     batch_size = 32
     texts = passage_texts(sample_passages(ds, "test" if "test" in ds.splits else next(iter(ds.splits)), passages),
                           enc_cfg.use_title)
@@ -301,5 +323,7 @@ if __name__ == "__main__":
         [f"encoding passages/s ({res['passages']} passages)", res["encode_median"]["fp32"],
          res["encode_median"]["previous"], res["encode_ratio"],
          f"{loads(res['encode']['fp32'])} / {loads(res['encode']['previous'])}"]]))
+    print(f"similarity + loss, forward and backward, {res['batch_size']} questions: "
+          f"{res['loss_head_us']['fp32']:.0f} us float32, {res['loss_head_us']['previous']:.0f} us previous")
     print(f"largest step-loss difference {res['train_max_loss_difference']:.2e}; "
           f"largest embedding difference {res['encode_max_abs_difference']:.2e}")
