@@ -1,6 +1,6 @@
 """Hand-worked experiment records for the claims and report tests."""
 
-from dprpipe.claims import Record, ReportConfig
+from dprpipe.claims import VARIANTS, Record, ReportConfig
 
 CFG = ReportConfig()    # nDCG@10, wide margin 0.05, ties below 0.01
 
@@ -14,10 +14,8 @@ def metrics(v: float) -> dict:
 
 def rec(variant: str, seed: int, dpr: float, bm25: float = 0.60, zeroshot: float = 0.62, hybrid: float = 0.75,
         minutes: float = 30.0) -> Record:
-    hard, shared = {"dpr_inbatch": (0, True), "dpr_hn1": (1, True), "dpr_hn2": (2, True),
-                    "dpr_sep": (1, False)}[variant]
     return Record(name=f"{variant}-s{seed}", variant=variant, seed=seed, source="experiment", rev=f"{seed:040x}",
-                  params={"model.shared": shared, "train.hard_negatives": hard, "train.seed": seed},
+                  params={**VARIANTS[variant].overrides, "train.seed": seed},
                   metrics={"bm25": metrics(bm25), "zeroshot": metrics(zeroshot), "dpr": metrics(dpr),
                            "hybrid": metrics(hybrid)},
                   train={"epochs": 3, "train_seconds": minutes * 60, "val_ndcg@10": 0.8},

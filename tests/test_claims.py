@@ -26,9 +26,16 @@ def test_stat_mean_and_sample_sd_hand_worked():
 
 def test_claims_all_hold_hand_worked():
     # BM25 0.60, zero-shot 0.62, in-batch 0.66, +1 negative 0.70, +2 negatives 0.705 (one seed each)
-    records = [rec("dpr_inbatch", 13, 0.66), rec("dpr_hn1", 13, 0.70), rec("dpr_hn2", 13, 0.705)]
+    # dense negatives 0.73 (+0.03 over BM25's), batch 128 0.705 (+0.005, a tie)
+    records = [rec("dpr_inbatch", 13, 0.66), rec("dpr_hn1", 13, 0.70), rec("dpr_hn2", 13, 0.705),
+               rec("dpr_dense", 13, 0.73), rec("dpr_b128", 13, 0.705)]
     c = by_key(claims(records, CFG))
-    assert {k: v.verdict for k, v in c.items()} == {"1": "held", "2": "held", "2a": "held", "2b": "held"}
+    assert {k: v.verdict for k, v in c.items()} == {"1": "held", "2": "held", "2a": "held", "2b": "held",
+                                                     "3": "held", "4": "did not hold"}
+    assert c["3"].detail == ("DPR, +1 dense negative (the base model's ranking) 0.7300 vs DPR, +1 BM25 negative "
+                             "0.7000 nDCG@10: +0.0300 (also R@20 +0.0300, R@100 +0.0300), more than a tie (0.0100).")
+    assert c["4"].detail.endswith("nDCG@10: +0.0050 (also R@20 +0.0050, R@100 +0.0050), within the tie threshold "
+                                  "0.0100.")
     # 0.70 - 0.60 = +0.10 >= 0.05; R@20 and R@100 move with nDCG@10 in these records
     assert c["1"].detail == ("DPR, +1 BM25 negative 0.7000 vs BM25 0.6000 nDCG@10: +0.1000 "
                              "(also R@20 +0.1000, R@100 +0.1000), at least the 0.0500 of a wide margin.")
@@ -49,7 +56,8 @@ def test_claims_that_do_not_hold_say_so():
                rec("dpr_hn2", 13, 0.635, bm25=0.70)]
     c = by_key(claims(records, CFG))
     assert {k: v.verdict for k, v in c.items()} == {"1": "did not hold", "2": "did not hold", "2a": "did not hold",
-                                                     "2b": "did not hold"}
+                                                     "2b": "did not hold", "3": "not measured", "4": "not measured"}
+    assert c["4"].detail == "needs runs of `dpr_b128` and `dpr_hn1` (`python -m flows.experiments`)."
     assert c["1"].detail.startswith("DPR, +1 BM25 negative 0.6050 vs BM25 0.7000 nDCG@10: -0.0950")
     assert c["1"].detail.endswith(": BM25 is ahead.")
     assert c["2"].detail.endswith("nDCG@10: -0.0200 (also R@20 -0.0200, R@100 -0.0200): it is worse.")
