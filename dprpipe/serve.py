@@ -136,13 +136,16 @@ class QueryBatcher:
     `submit` queues a query and returns a Future of its vector at once, so the caller can do
     other work (hybrid's BM25) while it is encoded. When the worker is free it takes every
     queued query (up to `max_batch`); it waits up to `max_wait` seconds for more only while
-    some announced by `expect` have not been submitted yet (a lone client never waits). Queries of different
-    releases (a swap in progress) go in separate passes. One worker thread does all encoding, so
-    torch's threads are not oversubscribed, and it holds an autocast context open per model, so
-    the bf16 casts of the weights are made once, not on every pass (see `encode_queries`).
+    queries announced by `expect` are not submitted yet (a lone client never waits). Queries
+    of different releases (a swap in progress) go in separate passes. One worker thread does
+    all encoding, so torch's threads are not oversubscribed, and it holds an autocast context
+    open per model, so the bf16 casts of the weights are made once, not on every pass (see
+    `encode_queries`).
     """
 
     def __init__(self, max_batch: int = 32, max_wait: float = 0.002):
+        if max_batch < 1 or max_wait < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait}")
         self.max_batch, self.max_wait = max_batch, max_wait
         self.passes = 0          # forward passes made (queries / passes = the mean batch)
         self._cond = threading.Condition()
