@@ -74,7 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 10     # optimiser steps between resumable states (0: only at epoch ends)
     validation: str = "ndcg@10"    # ndcg@10 (higher is better) | avg_rank (DPR's; lower is better)
     val_negatives: int = 5         # dev pool: each dev question's positives + this many mined negatives
-    passage_max_length: int = 128  # passage tokens while training (0 = the encoder's); shorter is cheaper
+    passage_max_length: int = 256  # passage tokens while training (0 = the encoder's); shorter is cheaper
     nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
     grad_cache_chunk: int = 0      # > 0: gradient caching, texts encoded N at a time (memory of N, any batch)
 
