@@ -300,7 +300,7 @@ def report(res: dict, args, release_note: str, started: str) -> str:
     a = res["agree"]
     text = f"""# Search service latency (`dprpipe serve`)
 
-Measured by `python bench/serve_bench.py{' --baseline <checkout>' if args.baseline else ''}` on {started} UTC.
+Measured by `python bench/serve_bench.py{''.join(' ' + a for a in sys.argv[1:])}` on {started} UTC.
 
 - CPU: {cpu_note()}, shared with other work; 1-minute load average at the
   start and end of each run: {loads} (the benchmark's own server and clients included).
@@ -399,9 +399,9 @@ def main() -> None:
     res = measure(root, queries, args)
     res.update(queries=queries, components=comp, agree=agree, busy=busy)
     if args.baseline:
-        head = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h %s"],
+        head = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h"],
                               capture_output=True, text=True).stdout.strip()
-        res["baseline_note"] = f"{args.baseline}, commit {head[:60] or 'unknown'}"
+        res["baseline_note"] = f"{args.baseline}, commit {head or 'unknown'}"
     for side in res["median"]:
         for mode in MODES:
             m = res["median"][side][mode]
