@@ -26,7 +26,7 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of the query encoder (default: the cores available; 1 on a busy machine)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long a query waits for others to share its encoder pass (default: 2)")
+                   help="how long the encoder waits for queries of requests already admitted (default: 2)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="queries per encoder pass (default: 32; 1: each alone, exactly the offline search's vectors)")
     # the encoder thread takes the GIL back after each of its ~150 torch ops per pass; while request
@@ -35,6 +35,8 @@ def serve(argv: list[str]) -> None:
                    help="Python's thread switch interval (default: 0.5; Python's own is 5)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
     args = p.parse_args(argv)
+    if args.max_batch < 1 or args.batch_wait_ms < 0:
+        p.error("--max-batch must be at least 1 and --batch-wait-ms at least 0")
 
     import faiss
     import torch
