@@ -3,7 +3,9 @@
 Each mode is checked against its reference (BM25 against mine.Miner, dense against
 index.Searcher, hybrid against search.hybrid_run on those two runs); bad requests get a 4xx with a
 one-line JSON reason; a real uvicorn server keeps answering while a new release is promoted
-under concurrent requests; the page is driven in headless Chromium.
+under concurrent requests; in headless Chromium (driven over the DevTools protocol) a question is
+typed into the page, its three rankings are read back, and a screenshot is saved (page.png in the
+test's tmp_path).
 """
 
 from __future__ import annotations
