@@ -17,10 +17,12 @@ from dprpipe.mine import MineConfig
 from dprpipe.model import EncoderConfig
 from dprpipe.prepare import PrepareConfig
 from dprpipe.promote import GateConfig
+from dprpipe.rounds import RoundTwoConfig
 from dprpipe.train import TrainConfig
 
 PARAMS = pathlib.Path(__file__).parents[1] / "params.yaml"
-SECTIONS = {"prepare": PrepareConfig, "mine": MineConfig, "mine_dense": DenseMineConfig, "model": EncoderConfig, "train": TrainConfig,
+SECTIONS = {"prepare": PrepareConfig, "mine": MineConfig, "mine_dense": DenseMineConfig, "model": EncoderConfig,
+            "train": TrainConfig, "train_round2": RoundTwoConfig,
             "encode": EncodeConfig, "index": IndexConfig, "evaluate": EvaluateConfig, "report": ReportConfig,
             "gate": GateConfig}
 """The config each params.yaml section is read into by its stage (`gate`: by the release flow)."""

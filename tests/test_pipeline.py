@@ -363,6 +363,38 @@ def test_dvc_repro_killed_twice_then_completes_like_an_uninterrupted_run(tiny_re
     assert ran == set(), out[-4000:]
 
 
+@pytest.mark.slow
+def test_round_two_runs_on_round_one_and_its_params_rerun_only_round_two(tiny_repos, tmp_path):
+    repo = tmp_path / "round2"
+    shutil.copytree(tiny_repos["repo"], repo, symlinks=True)
+    ran, _ = repro(repo)                  # the copy as the earlier tests left it, reproduced
+    lock = (repo / "dvc.lock").read_text()
+
+    def repro_round2() -> set[str]:
+        r = _run(["dvc", "repro", "round2/dvc.yaml"], repo)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+        return set(RUNNING.findall(r.stdout))
+
+    round2 = {f"round2/dvc.yaml:{s}" for s in
+              ("mine_round2", "train_round2", "encode_round2", "index_round2", "evaluate_round2")}
+    assert repro_round2() == round2                               # round one is up to date: not rerun
+    metrics = json.loads((repo / "metrics" / "retrieval_round2.json").read_text())
+    assert {"bm25", "dpr", "dpr_round2", "hybrid", "hybrid_round2"} <= set(metrics)
+    negs = [json.loads(line) for line in (repo / "data" / "negatives_round2" / "train.jsonl").read_text().splitlines()]
+    train = {json.loads(line)["id"]: json.loads(line) for line in
+             (repo / "data" / "prepared" / "train.jsonl").read_text().splitlines()}
+    assert negs and all(not {d for d, _ in n["negatives"]} & set(train[n["id"]].get("relevant", {})) for n in negs)
+    # a round-two param reruns round two's training and what follows, not the round-two mining or round one
+    assert json.loads((repo / "metrics" / "train_round2.json").read_text())["epochs"] == 2   # round two's default
+    edit_params(repo, {"train_round2.epochs": 1})
+    # what follows train_round2 reruns only if its checkpoint changed (the tiny model may keep epoch 0)
+    rerun = repro_round2()
+    assert "round2/dvc.yaml:train_round2" in rerun and rerun <= round2 - {"round2/dvc.yaml:mine_round2"}
+    assert json.loads((repo / "metrics" / "train_round2.json").read_text())["epochs"] == 1
+    assert repro(repo)[0] == set() and (repo / "dvc.lock").read_text() == lock
+    assert repro_round2() == set()
+
+
 def test_stage_graph_reading():
     # the helper the end-to-end test relies on, on a dvc.yaml written here
     import tempfile
