@@ -36,19 +36,21 @@ class Variant:
 
 
 def _variant(name: str, label: str, negatives: int, source: str = "bm25", shared: bool = True,
-             batch: int = 32, chunk: int = 0) -> Variant:
+             batch: dict | None = None) -> Variant:
     return Variant(name, label, {"train.hard_negatives": negatives, "train.negatives": source, "model.shared": shared,
-                                 "train.batch_size": batch, "train.grad_cache_chunk": chunk})
+                                 **(batch or {})})
 
 
-# Every variant sets every key, so a name means the same thing whatever params.yaml's defaults are.
+# Every variant sets the negatives and the encoders, so a name means the same thing whatever
+# params.yaml's defaults are; the batch size (a resource setting) is params.yaml's except in dpr_b128.
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     _variant("dpr_inbatch", "DPR, in-batch negatives only", 0),
     _variant("dpr_hn1", "DPR, +1 BM25 negative", 1),
     _variant("dpr_hn2", "DPR, +2 BM25 negatives", 2),
     _variant("dpr_sep", "DPR, +1 BM25 negative, separate encoders", 1, shared=False),
     _variant("dpr_dense", "DPR, +1 dense negative (the base model's ranking)", 1, source="dense"),
-    _variant("dpr_b128", "DPR, +1 BM25 negative, batch 128 (gradient caching)", 1, batch=128, chunk=32),
+    _variant("dpr_b128", "DPR, +1 BM25 negative, batch 128 (gradient caching)", 1,
+             batch={"train.batch_size": 128, "train.grad_cache_chunk": 32}),
 )}
 REFERENCE = "dpr_hn1"      # the paper's DPR; BM25, zero-shot and the hybrid are read from its runs
 SEED_KEY = "train.seed"

@@ -31,9 +31,11 @@ from flows.experiments import (Found, changed, dataset_override, finished, is_wo
 def test_plan_names_and_overrides():
     runs = plan(["dpr_sep", "dpr_inbatch"], [13, 14, 13])
     assert [r.name for r in runs] == ["dpr_sep-s13", "dpr_sep-s14", "dpr_inbatch-s13", "dpr_inbatch-s14"]
-    assert runs[0].sets == {"train.hard_negatives": 1, "model.shared": False, "train.seed": 13}
-    assert runs[3].sets == {"train.hard_negatives": 0, "model.shared": True, "train.seed": 14}
-    assert [r.name for r in plan(None, [7])] == ["dpr_inbatch-s7", "dpr_hn1-s7", "dpr_hn2-s7", "dpr_sep-s7"]
+    same = {"train.negatives": "bm25"}
+    assert runs[0].sets == {"train.hard_negatives": 1, "model.shared": False, **same, "train.seed": 13}
+    assert runs[3].sets == {"train.hard_negatives": 0, "model.shared": True, **same, "train.seed": 14}
+    assert [r.name for r in plan(None, [7])] == ["dpr_inbatch-s7", "dpr_hn1-s7", "dpr_hn2-s7", "dpr_sep-s7",
+                                                 "dpr_dense-s7", "dpr_b128-s7"]
     with pytest.raises(ValueError, match="unknown variant.* dpr_hn3; the set has dpr_inbatch, dpr_hn1"):
         plan(["dpr_hn3"], [13])
 
@@ -41,7 +43,8 @@ def test_plan_names_and_overrides():
 def test_workspace_run_and_dataset_override(tmp_path):
     ws = tmp_path / "repo"
     ws.mkdir()
-    params = {"train.hard_negatives": 1, "model.shared": True, "train.seed": 13, "prepare.dataset": "../data/scifact"}
+    params = {"train.hard_negatives": 1, "model.shared": True, "train.negatives": "bm25", "train.seed": 13,
+              "prepare.dataset": "../data/scifact"}
     hn1, hn2 = plan(["dpr_hn1", "dpr_hn2"], [13])
     assert is_workspace_run(params, hn1) and not is_workspace_run(params, hn2)
     assert not is_workspace_run({**params, "train.seed": 14}, hn1)
@@ -170,7 +173,7 @@ def test_experiments_flow_runs_once_then_reuses_and_restores_from_the_run_cache(
     assert [(r.name, r.source) for r in exps.records] == [("dpr_hn1-s13", "workspace"),
                                                            ("dpr_inbatch-s13", "experiment")]
     assert exps.records[1].rev == refs[0].split()[0]
-    assert exps.records[1].params == {"model.shared": True, "train.hard_negatives": 0, "train.seed": 13}
+    assert exps.records[1].params == {"model.shared": True, "train.hard_negatives": 0, "train.negatives": "bm25", "train.seed": 13}
     for r in exps.records:
         assert [h["epoch"] for h in r.history] == [0, 1] and [row["k"] for row in r.recall][0] == 1
         assert set(r.metrics) == {"bm25", "zeroshot", "dpr", "hybrid"}

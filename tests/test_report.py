@@ -59,7 +59,7 @@ def test_markdown_sections_and_links():
         assert f"\n{heading}\n" in md
     assert "- **(1) held.** A trained dual encoder beats BM25 by a wide margin." in md
     assert "![Recall@k of each system](recall_at_k.png)" in md
-    assert ("| `dpr_hn1-s13` | `dpr_hn1` | 13 | experiment `0000000` | true | 32 | 0 | 1 | bm25 | 13 | 0.7000 "
+    assert ("| `dpr_hn1-s13` | `dpr_hn1` | 13 | experiment `0000000` | true | – | – | 1 | bm25 | 13 | 0.7000 "
             "| 0.7500 | 3 | 0.7900 (3) | 30.0 |") in md
     assert VARIANT_KEYS == ("model.shared", "train.batch_size", "train.grad_cache_chunk", "train.hard_negatives",
                             "train.negatives", "train.seed")
