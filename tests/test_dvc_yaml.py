@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# the default pipeline, and round two's (its paths are relative to the project root: wdir ..)
+# the default pipeline, and round two's (enabled as round2/dvc.yaml; its paths are relative to the root)
 STAGES = {**yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"],
           **{f"round2/dvc.yaml:{name}": stage
-             for name, stage in yaml.safe_load((ROOT / "round2" / "dvc.yaml").read_text())["stages"].items()}}
+             for name, stage in yaml.safe_load((ROOT / "round2" / "pipeline.yaml").read_text())["stages"].items()}}
 
 
 def _module_file(name: str, script_dir: Path) -> Path | None:

@@ -173,7 +173,9 @@ def test_experiments_flow_runs_once_then_reuses_and_restores_from_the_run_cache(
     assert [(r.name, r.source) for r in exps.records] == [("dpr_hn1-s13", "workspace"),
                                                            ("dpr_inbatch-s13", "experiment")]
     assert exps.records[1].rev == refs[0].split()[0]
-    assert exps.records[1].params == {"model.shared": True, "train.hard_negatives": 0, "train.negatives": "bm25", "train.seed": 13}
+    # every key of the set as the run saw it: the batch settings are the tiny workspace's
+    assert exps.records[1].params == {"model.shared": True, "train.hard_negatives": 0, "train.negatives": "bm25",
+                                      "train.batch_size": 4, "train.grad_cache_chunk": 0, "train.seed": 13}
     for r in exps.records:
         assert [h["epoch"] for h in r.history] == [0, 1] and [row["k"] for row in r.recall][0] == 1
         assert set(r.metrics) == {"bm25", "zeroshot", "dpr", "hybrid"}

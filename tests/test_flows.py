@@ -172,7 +172,7 @@ def test_training_flow(tiny_workspace, harness):
 
     state, result = run_flow(training, tiny_workspace)
     assert state.is_completed(), state.message
-    assert result["ran"].keys() == {"train"} and result["skipped"] == list(MINING)
+    assert result["ran"].keys() == {"train"} and sorted(result["skipped"]) == sorted(MINING)   # in DVC's order
     assert (tiny_workspace / "models" / "dpr" / "dpr_config.json").is_file()
     assert json.loads((tiny_workspace / "metrics" / "train.json").read_text())["epochs"] >= 1
     assert "| train | **ran** |" in artifact(state, "training-metrics")

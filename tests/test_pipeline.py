@@ -369,6 +369,7 @@ def test_round_two_runs_on_round_one_and_its_params_rerun_only_round_two(tiny_re
     shutil.copytree(tiny_repos["repo"], repo, symlinks=True)
     ran, _ = repro(repo)                  # the copy as the earlier tests left it, reproduced
     lock = (repo / "dvc.lock").read_text()
+    shutil.copy(repo / "round2" / "pipeline.yaml", repo / "round2" / "dvc.yaml")   # round two enabled
 
     def repro_round2() -> set[str]:
         r = _run(["dvc", "repro", "round2/dvc.yaml"], repo)
