@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .io import Run
+from .mine import is_gold
 from .records import Query
-from .text import has_answer
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,7 @@ def filter_negatives(query: Query, ranked: Sequence[tuple[str, float]], positive
     for docid, score in ranked:
         if len(out) >= cfg.negatives:
             break
-        if query.relevant.get(docid, 0) > 0:
-            continue
-        # DPR matches answers against the passage text only, not the title
-        if query.answers and text_of is not None and has_answer(query.answers, text_of(docid), cfg.answer_match):
+        if is_gold(query, docid, text_of, cfg.answer_match):
             continue
         if skipped < cfg.skip_top:
             skipped += 1

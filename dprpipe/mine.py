@@ -10,7 +10,7 @@ BM25 runs, which the stage writes as JSONL and TSV.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .bm25 import BM25Index, BM25Params
@@ -37,6 +37,19 @@ class MineConfig:
 
     def bm25(self) -> BM25Params:
         return BM25Params(k1=self.k1, b=self.b, epsilon=self.epsilon)
+
+
+def is_gold(query: Query, docid: str, text_of: Callable[[str], str] | None, match: str) -> bool:
+    """Never a negative of `query`: judged relevant (grade > 0) or, where the query has answers,
+    containing one under DPR's `has_answer` (in the passage text only, not the title, as DPR does).
+
+    >>> q = Query("q", "who", answers=("Paris",), relevant={"p": 1, "n": 0})
+    >>> [is_gold(q, d, {"p": "", "n": "no", "x": "in Paris"}.get, "string") for d in ("p", "n", "x")]
+    [True, False, True]
+    """
+    if query.relevant.get(docid, 0) > 0:
+        return True
+    return bool(query.answers) and text_of is not None and has_answer(query.answers, text_of(docid), match)
 
 
 def passage_text(p: Passage, use_title: bool) -> str:
@@ -82,11 +95,7 @@ class Miner:
             for docid, score in run[q.id]:
                 if len(negs) >= cfg.negatives:
                     break
-                if q.relevant.get(docid, 0) > 0:
-                    continue
-                # DPR matches answers against the passage text only, not the title
-                if q.answers and has_answer(q.answers, text_of[docid], cfg.answer_match):
-                    continue
-                negs.append((docid, score))
+                if not is_gold(q, docid, text_of.__getitem__, cfg.answer_match):
+                    negs.append((docid, score))
             out[q.id] = negs
         return out
