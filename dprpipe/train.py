@@ -21,6 +21,9 @@ every rank draws the same global batches and trains on its slice of each (see `l
 result is the single-process one. Rank 0 alone validates and writes checkpoints; dropout masks
 differ per rank (seed + rank).
 
+With `include_dev` the dev questions join the training questions and nothing is validated, so
+the last epoch is kept: the refit once the params have been chosen on dev.
+
 Inputs: the encoder, corpus, train/dev queries and mined negatives. Output: the best
 checkpoint by validation (a `DualEncoder.save` folder) and a per-epoch history.
 """
@@ -77,6 +80,7 @@ class TrainConfig:
     passage_max_length: int = 256  # passage tokens while training (0 = the encoder's); shorter is cheaper
     nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
     grad_cache_chunk: int = 0      # > 0: gradient caching, texts encoded N at a time (memory of N, any batch)
+    include_dev: bool = False      # train on the dev questions too (no validation: the last epoch is kept)
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):
@@ -221,6 +225,9 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     epochs whose model was kept, the last of them being the one in `out_dir`.
     """
     out_dir = Path(out_dir)
+    if cfg.include_dev:
+        # the params were chosen on dev; the final model learns from it too, for its last epoch
+        data = replace(data, train=[*data.train, *data.dev], dev=[])
     world, rank = dist_.world_size(), dist_.rank()
     main = rank == 0
 

@@ -50,16 +50,30 @@ def negative_folders(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def relaunch(nproc: int) -> int:
-    """Run this script with the same arguments in `nproc` processes under torchrun; its exit status."""
+def relaunch(script: Path, nproc: int) -> int:
+    """Run `script` with the same arguments in `nproc` processes under torchrun; its exit status."""
     import torch
 
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         sys.exit(f"error: train.nproc is {nproc} but {torch.cuda.device_count()} GPU(s) are visible; "
                  "set train.nproc to at most the number of GPUs")
-    cmd = distributed.torchrun_command(Path(__file__).resolve(), sys.argv[1:], nproc)
+    cmd = distributed.torchrun_command(script.resolve(), sys.argv[1:], nproc)
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
+
+
+def run_training(args, enc: EncoderConfig, cfg: TrainConfig, script: Path) -> None:
+    """Train (under torchrun when train.nproc > 1, `script` being the stage that relaunches) and
+    write the reports on rank 0."""
+    if cfg.nproc > 1 and not distributed.launched():
+        sys.exit(relaunch(script, cfg.nproc))
+    distributed.init_from_env()
+    try:
+        history = _train(args, enc, cfg)
+        if distributed.is_main():
+            _write_reports(args, history)
+    finally:
+        distributed.shutdown()
 
 
 def main() -> None:
@@ -76,15 +90,7 @@ def main() -> None:
     args = p.parse_args()
     enc = load_params(args.params, "model", EncoderConfig)
     cfg = load_params(args.params, "train", TrainConfig)
-    if cfg.nproc > 1 and not distributed.launched():
-        sys.exit(relaunch(cfg.nproc))
-    distributed.init_from_env()
-    try:
-        history = _train(args, enc, cfg)
-        if distributed.is_main():
-            _write_reports(args, history)
-    finally:
-        distributed.shutdown()
+    run_training(args, enc, cfg, Path(__file__))
 
 
 def _train(args, enc: EncoderConfig, cfg: TrainConfig) -> list[dict]:
@@ -92,11 +98,10 @@ def _train(args, enc: EncoderConfig, cfg: TrainConfig) -> list[dict]:
         print(f"note: {distributed.world_size()} process(es) train (train.nproc is {cfg.nproc}); "
               f"a global batch is {distributed.world_size() * cfg.batch_size} questions")
     folders = negative_folders(args.negatives)
-    missing = [s for s in cfg.negative_sources() + ["bm25"] if s not in folders]
-    if missing:
-        sys.exit(f"error: train.negatives needs the {', '.join(missing)} negatives but no --negatives "
-                 f"{missing[0]}=FOLDER was given (dvc.yaml's train command)")
-    for s in set(cfg.negative_sources() + ["bm25"]):
+    for s in dict.fromkeys(cfg.negative_sources() + ["bm25"]):
+        if s not in folders:
+            sys.exit(f"error: train.negatives needs the {s} negatives but no --negatives {s}=FOLDER was given "
+                     "(dvc.yaml's train command)")
         if not folders[s].is_dir():
             sys.exit(f"error: train.negatives uses the {s} negatives but {folders[s]} is not a folder"
                      + (" (the dataset provides none)" if s == "provided" else "; run the stage that writes it"))

@@ -11,15 +11,12 @@ Outputs: as train's: the best checkpoint (--out), its training record (--metrics
 per-epoch validation history (--plot).
 """
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from stage_cli import load_params, parser, run
-from train import _train, _write_reports
+from train import run_training
 
-from dprpipe import distributed
 from dprpipe.model import EncoderConfig
 from dprpipe.rounds import RoundTwoConfig
 from dprpipe.train import TrainConfig
@@ -35,20 +32,11 @@ def main() -> None:
     enc = load_params(args.params, "model", EncoderConfig)
     round2 = load_params(args.params, "train_round2", RoundTwoConfig)
     cfg = round2.apply(load_params(args.params, "train", TrainConfig))
-    if cfg.nproc > 1 and not distributed.launched():
-        cmd = distributed.torchrun_command(Path(__file__).resolve(), sys.argv[1:], cfg.nproc)
-        sys.exit(subprocess.run(cmd).returncode)
     if round2.init == "round1":
         enc = replace(enc, model=args.round1)
     # the resumable state's fingerprint knows the config and data, not the starting weights
     args.state = str(Path(args.state) / round2.init)
-    distributed.init_from_env()
-    try:
-        history = _train(args, enc, cfg)
-        if distributed.is_main():
-            _write_reports(args, history)
-    finally:
-        distributed.shutdown()
+    run_training(args, enc, cfg, Path(__file__))
 
 
 if __name__ == "__main__":

@@ -220,6 +220,27 @@ def test_training_lowers_the_loss_and_validates(run_a):
     assert list((root / "state").iterdir()) == []
 
 
+def test_include_dev_trains_on_the_dev_questions_and_keeps_the_last_epoch(tmp_path, monkeypatch):
+    seen = []
+    real = train_mod.epoch_batches
+
+    def spy(data, cfg, epoch, pid_index):
+        batches = real(data, cfg, epoch, pid_index)
+        seen.append({q.id for b in batches for q, _, _ in b})
+        return batches
+
+    monkeypatch.setattr(train_mod, "epoch_batches", spy)
+    data = _data()
+    cfg = replace(CFG, epochs=2, include_dev=True)
+    history = train(tiny_encoder(seed=0, **ENCODER), data, cfg, tmp_path / "out", tmp_path / "state", progress=False)
+    dev_ids = {q.id for q in data.dev if q.positives}
+    train_ids = {q.id for q in data.train if q.positives}
+    assert dev_ids and seen == [train_ids | dev_ids] * 2
+    assert [h["epoch"] for h in history] == [0, 1, 2] and all(h["kept"] for h in history)
+    assert not any(k.startswith("val_") for h in history for k in h)
+    assert json.loads((tmp_path / "out" / "dpr_config.json").read_text())["epoch"] == 2
+
+
 def _only_state(root: Path) -> Path:
     """The one resumable state under a state root (a folder named by the run's fingerprint)."""
     (folder,) = list(root.iterdir())
