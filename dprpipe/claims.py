@@ -51,6 +51,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     _variant("dpr_dense", "DPR, +1 dense negative (the base model's ranking)", 1, source="dense"),
     _variant("dpr_b128", "DPR, +1 BM25 negative, batch 128 (gradient caching)", 1,
              batch={"train.batch_size": 128, "train.grad_cache_chunk": 32}),
+    _variant("dpr_sep_dense", "DPR, +1 dense negative, separate encoders (the default)", 1, source="dense",
+             shared=False),
 )}
 REFERENCE = "dpr_hn1"      # the paper's DPR; BM25, zero-shot and the hybrid are read from its runs
 SEED_KEY = "train.seed"

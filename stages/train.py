@@ -124,10 +124,10 @@ def _write_reports(args, history: list[dict]) -> None:
                               **{k: round(v, 4) for k, v in best.items() if k.startswith("val_")}})
     with atomic_write(args.plot) as f:
         f.write("epoch,loss,val_ndcg@10,val_avg_rank\n")
-        for h in history:
-            loss = "" if h["loss"] is None else f"{h['loss']:.5f}"
-            f.write(f"{h['epoch']},{loss},{h.get('val_ndcg@10', float('nan')):.4f},"
-                    f"{h.get('val_avg_rank', float('nan')):.3f}\n")
+        for h in history:   # an empty cell: no figure (epoch 0's loss; validation with train.include_dev)
+            cells = [f"{h[k]:{fmt}}" if h.get(k) is not None else ""
+                     for k, fmt in (("loss", ".5f"), ("val_ndcg@10", ".4f"), ("val_avg_rank", ".3f"))]
+            f.write(",".join([str(h["epoch"]), *cells]) + "\n")
 
 
 if __name__ == "__main__":

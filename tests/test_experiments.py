@@ -35,7 +35,7 @@ def test_plan_names_and_overrides():
     assert runs[0].sets == {"train.hard_negatives": 1, "model.shared": False, **same, "train.seed": 13}
     assert runs[3].sets == {"train.hard_negatives": 0, "model.shared": True, **same, "train.seed": 14}
     assert [r.name for r in plan(None, [7])] == ["dpr_inbatch-s7", "dpr_hn1-s7", "dpr_hn2-s7", "dpr_sep-s7",
-                                                 "dpr_dense-s7", "dpr_b128-s7"]
+                                                 "dpr_dense-s7", "dpr_b128-s7", "dpr_sep_dense-s7"]
     with pytest.raises(ValueError, match="unknown variant.* dpr_hn3; the set has dpr_inbatch, dpr_hn1"):
         plan(["dpr_hn3"], [13])
 
