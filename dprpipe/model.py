@@ -37,7 +37,7 @@ class EncoderConfig:
     model: str = DEFAULT_MODEL     # "default", a Hugging Face model name, or a local folder
     pooling: str = "mean"          # cls | mean
     normalize: bool = True         # L2-normalise vectors (cosine); the paper uses the raw inner product
-    shared: bool = True            # one encoder for questions and passages
+    shared: bool = False           # separate question and passage encoders (True: one for both)
     use_title: bool = True         # passage text is "title text"
     query_max_length: int = 64
     passage_max_length: int = 256

@@ -65,7 +65,7 @@ class TrainConfig:
     batch_size: int = 32
     hard_negatives: int = 1        # mined negatives per question (0 = in-batch only)
     negative_pool: int = 30        # sample them from this many top mined negatives
-    negatives: str = "bm25"        # their source: bm25 | dense | provided, or several joined by "+"
+    negatives: str = "dense"       # their source: bm25 | dense | provided, or several joined by "+"
     lr: float = 5e-5
     warmup_ratio: float = 0.1      # linear warm-up, then linear decay to 0
     weight_decay: float = 0.01
@@ -80,7 +80,7 @@ class TrainConfig:
     passage_max_length: int = 256  # passage tokens while training (0 = the encoder's); shorter is cheaper
     nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
     grad_cache_chunk: int = 0      # > 0: gradient caching, texts encoded N at a time (memory of N, any batch)
-    include_dev: bool = False      # train on the dev questions too (no validation: the last epoch is kept)
+    include_dev: bool = True       # train on the dev questions too (no validation: the last epoch is kept)
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):

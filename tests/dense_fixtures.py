@@ -44,9 +44,9 @@ def tiny_bert(seed: int = 0) -> BertModel:
 
 
 def tiny_encoder(seed: int = 0, **cfg) -> DualEncoder:
-    """A DualEncoder over tiny BERTs; `cfg` overrides EncoderConfig fields (fp32, short lengths, raw inner
-    product: the tests' expected scores were worked out without normalisation)."""
-    cfg = EncoderConfig(**{"model": "tiny", "precision": "fp32", "query_max_length": 32,
+    """A DualEncoder over tiny BERTs; `cfg` overrides EncoderConfig fields (fp32, short lengths, one shared
+    encoder, raw inner product: the tests' expected scores were worked out without normalisation)."""
+    cfg = EncoderConfig(**{"model": "tiny", "precision": "fp32", "query_max_length": 32, "shared": True,
                            "passage_max_length": 64, "normalize": False, **cfg})
     q = tiny_bert(seed)
     p = q if cfg.shared else tiny_bert(seed + 1)

@@ -178,9 +178,10 @@ def write_params(ws: Path) -> None:
     params = {"prepare": {"dataset": str(ws / "dataset"), "dev_fraction": 0.25},
               "mine": {"run_depth": 20, "depth": 20, "negatives": 5},
               "model": {"model": str(ws / "tiny-encoder"), "precision": "fp32", "query_max_length": 16,
-                        "passage_max_length": 48},
+                        "shared": True, "passage_max_length": 48},
               # 12 train questions in batches of 4: 3 steps an epoch; states after steps 2, 3, 4 and 6
-              "train": {"epochs": 2, "batch_size": 4, "negative_pool": 5, "val_negatives": 3,
+              "train": {"epochs": 2, "batch_size": 4, "negative_pool": 5, "val_negatives": 3, "negatives": "bm25",
+                        "include_dev": False,
                         "checkpoint_every": 2, "passage_max_length": 32, "lr": 1e-3, "warmup_ratio": 0.0},
               "encode": {"batch_size": 8, "block_size": 16},
               "index": {"kind": "flat"}}
@@ -514,7 +515,8 @@ def test_a_pickle_planted_in_the_training_state_never_runs(tmp_path, capsys, mon
     from dprpipe.io import write_checksums
     from dprpipe.train import TrainConfig, TrainData, state_folder, train
 
-    cfg = TrainConfig(epochs=1, batch_size=8, hard_negatives=1, negative_pool=3, val_negatives=2, seed=1)
+    cfg = TrainConfig(epochs=1, batch_size=8, hard_negatives=1, negative_pool=3, val_negatives=2, seed=1,
+                      include_dev=False)
     train_q, dev_q = toy_queries()
     data = TrainData(toy_corpus(), train_q, dev_q, toy_negatives())
 

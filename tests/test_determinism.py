@@ -92,7 +92,7 @@ def test_one_checkpoint_gives_identical_embeddings(tmp_path):
 # ---------------------------------------------------------------- a tiny pipeline, twice
 
 CFG = TrainConfig(epochs=2, batch_size=4, hard_negatives=1, negative_pool=3, lr=5e-4, warmup_ratio=0.1,
-                  temperature=0.1, checkpoint_every=3, val_negatives=3, seed=13)
+                  include_dev=False, temperature=0.1, checkpoint_every=3, val_negatives=3, seed=13)
 
 
 def pipeline(root: Path, cfg: TrainConfig) -> dict:

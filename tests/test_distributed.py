@@ -31,7 +31,7 @@ from dprpipe.train import TrainConfig, TrainData, _ddp, epoch_batches, train
 
 WORLD = 2
 BASE = TrainConfig(epochs=2, hard_negatives=1, negative_pool=3, lr=3e-3, warmup_ratio=0.0, temperature=0.1,
-                   checkpoint_every=1, seed=7, val_negatives=3)
+                   include_dev=False, checkpoint_every=1, seed=7, val_negatives=3)
 # per-rank batch sizes; the reference trains one process with WORLD times as many questions per batch
 SCENARIOS = {
     # 15 questions in global batches of 14: the last batch has 1 question, so rank 1's slice is empty

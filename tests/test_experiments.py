@@ -149,14 +149,14 @@ def test_experiments_flow_runs_once_then_reuses_and_restores_from_the_run_cache(
     from flows.experiments import experiments
 
     ws = make_workspace(tmp_path / "repo")
-    kwargs = dict(workspace=str(ws), seeds=[13], variants=["dpr_hn1", "dpr_inbatch"])
+    kwargs = dict(workspace=str(ws), seeds=[13], variants=["dpr_sep_dense", "dpr_inbatch"])
 
-    # 1. dpr_hn1 at seed 13 is params.yaml's own run: `dvc repro` in the workspace; dpr_inbatch runs as
+    # 1. dpr_sep_dense at seed 13 is params.yaml's own run: `dvc repro` in the workspace; dpr_inbatch runs as
     # an experiment (its prepare and mine come from the run cache: the workspace run made them)
     state = experiments(return_state=True, **kwargs)
     assert state.is_completed(), state.message
     first = state.result()
-    assert first["workspace"] == ["dpr_hn1-s13"] and first["run"] == ["dpr_inbatch-s13"], first
+    assert first["workspace"] == ["dpr_sep_dense-s13"] and first["run"] == ["dpr_inbatch-s13"], first
     assert first["reused"] == [] and first["report"] == "ran"
     assert "train" in first["ran"]["dpr_inbatch-s13"] and "train" in first["ran"]["workspace"], first["ran"]
     assert {"prepare", "mine"} <= set(first["cached"]["dpr_inbatch-s13"]), first["cached"]
@@ -170,7 +170,7 @@ def test_experiments_flow_runs_once_then_reuses_and_restores_from_the_run_cache(
 
     # the records: the workspace run and the experiment, each with its history and recall curve
     exps = read_experiments(ws / "reports" / "experiments.json")
-    assert [(r.name, r.source) for r in exps.records] == [("dpr_hn1-s13", "workspace"),
+    assert [(r.name, r.source) for r in exps.records] == [("dpr_sep_dense-s13", "workspace"),
                                                            ("dpr_inbatch-s13", "experiment")]
     assert exps.records[1].rev == refs[0].split()[0]
     # every key of the set as the run saw it: the batch settings are the tiny workspace's
@@ -195,7 +195,7 @@ def test_experiments_flow_runs_once_then_reuses_and_restores_from_the_run_cache(
     # 2. nothing changed: no experiment run, no stage run, the same records, the report skipped
     state = experiments(return_state=True, **kwargs)
     second = state.result()
-    assert second == {"workspace": ["dpr_hn1-s13"], "reused": ["dpr_inbatch-s13"], "run": [],
+    assert second == {"workspace": ["dpr_sep_dense-s13"], "reused": ["dpr_inbatch-s13"], "run": [],
                       "ran": {"workspace": []}, "cached": {}, "report": "unchanged"}, second
     assert _exp_refs(ws) == refs
     assert {p: (ws / p).read_bytes() for p in snapshot} == snapshot

@@ -162,7 +162,7 @@ def test_validation_ranks_the_dev_pool_of_val_negatives_not_training_negatives()
 # ---------------------------------------------------------------- training runs
 
 CFG = TrainConfig(epochs=3, batch_size=4, hard_negatives=1, negative_pool=3, lr=3e-3, warmup_ratio=0.0,
-                  temperature=0.1, checkpoint_every=3, seed=7, val_negatives=3)
+                  include_dev=False, temperature=0.1, checkpoint_every=3, seed=7, val_negatives=3)
 ENCODER = {"pooling": "mean", "normalize": True}
 STEPS_PER_EPOCH = len(TOPICS) // CFG.batch_size  # 4
 
