@@ -45,6 +45,7 @@ import numpy as np
 from . import release as releases
 from .io import DataError
 from .config import from_mapping
+from .evaluate import EvaluateConfig
 from .mine import MineConfig, passage_text
 from .records import Passage, read_corpus
 from .search import hybrid_run
@@ -127,7 +128,9 @@ def hybrid_config(record: dict) -> tuple[float, bool]:
     unknown = sorted(set(given) - {"weight", "normalize"})
     if unknown:
         raise ValueError(f'release.json "hybrid" has unknown keys {unknown}; expected weight, normalize')
-    return float(given.get("weight", 1.0)), bool(given.get("normalize", True))
+    default = EvaluateConfig()
+    return (float(given.get("weight", default.hybrid_weight)),
+            bool(given.get("normalize", default.hybrid_normalize)))
 
 
 class QueryBatcher:

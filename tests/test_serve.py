@@ -120,14 +120,14 @@ def test_hybrid_equals_hybrid_run_of_the_two_runs(root, client, q):
 
 
 def test_defaults_dense_k10_and_record_defaults(tmp_path):
-    """No k or mode: dense top 10; a record without "bm25"/"hybrid" gets MineConfig's and 1.0/true."""
+    """No k or mode: dense top 10; a record without "bm25"/"hybrid" gets MineConfig's and EvaluateConfig's."""
     write_release(tmp_path, "bare", 0, corpus(), record={"version": "bare"})
     release.set_current(tmp_path, "bare")
     svc = Service(tmp_path, poll=3600)
     svc.start()
     try:
         rel = svc.current
-        assert rel.bm25_cfg == MineConfig() and (rel.hybrid_weight, rel.hybrid_normalize) == (1.0, True)
+        assert rel.bm25_cfg == MineConfig() and (rel.hybrid_weight, rel.hybrid_normalize) == (1.5, True)
         body = TestClient(create_app(svc)).get("/search?q=tiger").json()
         assert body["mode"] == "dense" and body["k"] == 10 and len(body["hits"]) == 10
     finally:
