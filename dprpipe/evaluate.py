@@ -209,7 +209,7 @@ class EvaluateConfig:
     ks: tuple[int, ...] = DEFAULT_KS
     curve_ks: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 30, 50, 100)
     answer_match: str = "string"
-    hybrid_weight: float = 1.5      # hybrid score = bm25 + weight * dense
+    hybrid_weight: float = 5.0      # hybrid score = bm25 + weight * dense
     hybrid_normalize: bool = True   # min-max normalise each run per query before fusing
     ignore_identical_ids: bool = True   # drop a hit whose document id is the query id (BEIR's default)
     fold_to_documents: bool = True      # with a piece map: score documents at their best piece (MaxP)

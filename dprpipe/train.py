@@ -61,7 +61,7 @@ NEGATIVE_SOURCES = ("bm25", "dense", "provided")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 5
     batch_size: int = 32
     hard_negatives: int = 1        # mined negatives per question (0 = in-batch only)
     negative_pool: int = 30        # sample them from this many top mined negatives

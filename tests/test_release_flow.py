@@ -20,10 +20,12 @@ import pytest
 from flow_fixtures import run, set_params, tiny_workspace  # noqa: F401
 from test_flows import flow_test_env, harness  # noqa: F401  (offline models, a git identity; the Prefect harness)
 
+from dprpipe.evaluate import EvaluateConfig
 from dprpipe.release import read_current, read_release
 from dprpipe.serve import Service
 from flows.experiments import PIPELINE
 
+DEFAULT_WEIGHT = EvaluateConfig().hybrid_weight   # params.yaml's, which test_config holds equal
 QUERY = b"q=what+is+the+apple&mode=hybrid&k=5"   # a search request to the service core
 
 
@@ -99,7 +101,7 @@ def test_first_run_is_promoted_and_pushed(tiny_workspace, remotes, harness):
     assert rec["metrics"] == retrieval(ws)
     assert rec["bm25"] == {"k1": 0.9, "b": 0.4, "epsilon": 0.25, "stemmer": "porter", "stopwords": True,
                            "use_title": True}
-    assert rec["hybrid"] == {"weight": 1.0, "normalize": True}
+    assert rec["hybrid"] == {"weight": DEFAULT_WEIGHT, "normalize": True}
     # the release holds copies of the workspace's outputs
     assert same_tree(ws / "models" / "dpr", current.model) and same_tree(ws / "data" / "index" / "dpr", current.index)
     assert current.corpus.read_bytes() == (ws / "data" / "prepared" / "corpus.jsonl").read_bytes()
@@ -175,7 +177,7 @@ def test_a_run_that_passes_is_promoted(tiny_workspace, remotes, harness):
     ws, root = tiny_workspace, tiny_workspace / "promoted"
     v1 = read_current(root)
     # the hybrid weight back, and an HNSW index: new outputs, no metric lower (HNSW is exact on 40 passages)
-    set_params(ws, {"evaluate.hybrid_weight": 1.0, "index.kind": "hnsw"})
+    set_params(ws, {"evaluate.hybrid_weight": DEFAULT_WEIGHT, "index.kind": "hnsw"})
     service = Service(root, poll=3600)
     try:
         assert service.refresh() and service.current.version == "v1"

@@ -25,6 +25,7 @@ from dprpipe import release
 from dprpipe.api import create_app
 from dprpipe.distributed import free_port
 from dprpipe.encode import encode_texts
+from dprpipe.evaluate import EvaluateConfig
 from dprpipe.index import IndexConfig, Searcher, build_index, save_index
 from dprpipe.io import write_json
 from dprpipe.mine import MineConfig, Miner
@@ -127,7 +128,7 @@ def test_defaults_dense_k10_and_record_defaults(tmp_path):
     svc.start()
     try:
         rel = svc.current
-        assert rel.bm25_cfg == MineConfig() and (rel.hybrid_weight, rel.hybrid_normalize) == (1.5, True)
+        assert rel.bm25_cfg == MineConfig() and (rel.hybrid_weight, rel.hybrid_normalize) == (EvaluateConfig().hybrid_weight, True)
         body = TestClient(create_app(svc)).get("/search?q=tiger").json()
         assert body["mode"] == "dense" and body["k"] == 10 and len(body["hits"]) == 10
     finally:
