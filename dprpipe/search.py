@@ -26,13 +26,15 @@ def _minmax(hits: list[tuple[str, float]]) -> dict[str, float]:
     return {d: (s - lo) / span if span > 0 else 1.0 for d, s in hits}
 
 
-def hybrid_run(sparse: Run, dense: Run, weight: float = 1.0, normalize: bool = True, depth: int = 1000) -> Run:
+def hybrid_run(sparse: Run, dense: Run, weight: float, normalize: bool, depth: int = 1000) -> Run:
     """Fuse two runs: score = sparse + weight * dense over the union of hits.
+
+    The weight and normalisation have no defaults here: they are EvaluateConfig's, chosen on dev.
 
     A passage missing from one list gets that list's lowest score for the query (0 after
     min-max normalisation), as Pyserini does.
 
-    >>> hybrid_run({"q": [("a", 2.0), ("b", 1.0)]}, {"q": [("b", 0.9), ("c", 0.1)]}, 1.5)["q"]
+    >>> hybrid_run({"q": [("a", 2.0), ("b", 1.0)]}, {"q": [("b", 0.9), ("c", 0.1)]}, 1.5, True)["q"]
     [('b', 1.5), ('a', 1.0), ('c', 0.0)]
     """
     out: Run = {}

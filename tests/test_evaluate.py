@@ -329,7 +329,7 @@ def test_generated_runs_match_pytrec_eval(tmp_path):
     write_run(tmp_path / "sparse.tsv", sparse)
     sparse = read_run(tmp_path / "sparse.tsv")
     assert missing_queries(sparse, queries)                   # the case under test is there
-    for run in (sparse, dense, hybrid_run(sparse, dense)):
+    for run in (sparse, dense, hybrid_run(sparse, dense, 1.0, True)):
         assert_matches_pytrec_eval(run, queries)
 
 
@@ -482,7 +482,8 @@ def test_evaluate_stage_folds_where_the_piece_map_exists(tmp_path, monkeypatch):
     assert (whole["bm25"]["recall@2"], folded["bm25"]["recall@2"]) == (0.25, 0.5)
     assert folded["bm25"]["ndcg@10"] == round(0.61990, 4)
     # the hybrid fuses the passage runs (min-max per query), then is folded like the others
-    fused = hybrid_run(read_run(tmp_path / "bm25.tsv"), read_run(tmp_path / "dense.tsv"))
+    fused = hybrid_run(read_run(tmp_path / "bm25.tsv"), read_run(tmp_path / "dense.tsv"),
+                       EvaluateConfig().hybrid_weight, EvaluateConfig().hybrid_normalize)   # the stage's defaults
     want = evaluate_run(fold_run(fused, DOC_OF), fold_judgements(read_queries(tmp_path / "test.jsonl"), DOC_OF),
                         (1, 2, 3))
     assert folded["hybrid"] == {k: round(v, 4) if isinstance(v, float) else v for k, v in want.items()}

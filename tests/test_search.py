@@ -23,7 +23,7 @@ def _approx(run):
     (0.0, [("a", 1.0), ("b", 0.5), ("c", 0.0), ("d", 0.0)]),
 ])
 def test_normalised_fusion_by_hand(weight, expected):
-    assert hybrid_run(SPARSE, DENSE, weight) == _approx({"q": expected})
+    assert hybrid_run(SPARSE, DENSE, weight, normalize=True) == _approx({"q": expected})
 
 
 def test_raw_fusion_by_hand():
@@ -43,14 +43,14 @@ def test_raw_fusion_with_negative_dense_scores():
 
 
 def test_depth_cuts_each_query():
-    got = hybrid_run(SPARSE, DENSE, 1.0, depth=2)
+    got = hybrid_run(SPARSE, DENSE, 1.0, normalize=True, depth=2)
     assert got == _approx({"q": [("b", 1.5), ("a", 1.0)]})
 
 
 def test_queries_in_only_one_run_and_constant_lists():
     sparse = {"q1": [("a", 3.0), ("b", 1.0)], "q2": [("only", 7.0)]}
     dense = {"q3": [("c", 0.2), ("d", 0.6)], "q2": [("only", 0.3), ("e", 0.1)]}
-    got = hybrid_run(sparse, dense, 1.0)
+    got = hybrid_run(sparse, dense, 1.0, normalize=True)
     assert list(got) == ["q1", "q2", "q3"]  # sorted query ids, the union of both runs
     assert got["q1"] == _approx({"q": [("a", 1.0), ("b", 0.0)]})["q"]
     assert got["q3"] == _approx({"q": [("d", 1.0), ("c", 0.0)]})["q"]
@@ -60,5 +60,5 @@ def test_queries_in_only_one_run_and_constant_lists():
 
 
 def test_empty_runs():
-    assert hybrid_run({}, {}) == {}
-    assert hybrid_run({"q": []}, {"q": []}) == {"q": []}
+    assert hybrid_run({}, {}, 1.0, True) == {}
+    assert hybrid_run({"q": []}, {"q": []}, 1.0, True) == {"q": []}
