@@ -7,7 +7,6 @@ averaged over the queries pytrec_eval returns (judged and in the run). MRR@k is 
 """
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
