@@ -481,8 +481,9 @@ def test_evaluate_stage_folds_where_the_piece_map_exists(tmp_path, monkeypatch):
     assert (whole["bm25"]["recall@2"], folded["bm25"]["recall@2"]) == (0.25, 0.5)
     assert folded["bm25"]["ndcg@10"] == round(0.61990, 4)
     # the hybrid fuses the passage runs (min-max per query), then is folded like the others
+    default = EvaluateConfig()   # the stage's: its params.yaml names no hybrid setting
     fused = hybrid_run(read_run(tmp_path / "bm25.tsv"), read_run(tmp_path / "dense.tsv"),
-                       EvaluateConfig().hybrid_weight, EvaluateConfig().hybrid_normalize)   # the stage's defaults
+                       default.hybrid_weight, default.hybrid_normalize)
     want = evaluate_run(fold_run(fused, DOC_OF), fold_judgements(read_queries(tmp_path / "test.jsonl"), DOC_OF),
                         (1, 2, 3))
     assert folded["hybrid"] == {k: round(v, 4) if isinstance(v, float) else v for k, v in want.items()}

@@ -128,7 +128,9 @@ def test_defaults_dense_k10_and_record_defaults(tmp_path):
     svc.start()
     try:
         rel = svc.current
-        assert rel.bm25_cfg == MineConfig() and (rel.hybrid_weight, rel.hybrid_normalize) == (EvaluateConfig().hybrid_weight, True)
+        default = EvaluateConfig()
+        assert rel.bm25_cfg == MineConfig()
+        assert (rel.hybrid_weight, rel.hybrid_normalize) == (default.hybrid_weight, True)
         body = TestClient(create_app(svc)).get("/search?q=tiger").json()
         assert body["mode"] == "dense" and body["k"] == 10 and len(body["hits"]) == 10
     finally:
