@@ -19,6 +19,12 @@ then `repeats` steps (at most 2 above 32 questions) over distinct training quest
 (`train.step_gradients`, as the train stage runs it; the default precision); the figures are the
 median step and the process's peak RSS (VmHWM), also above its RSS once model and data are loaded.
 
+Attention dropout (`attention_dropout`, run on its own: `python bench/train_bench.py
+--attention-dropout`): seconds per training step at params.yaml's `train.attention_dropout`
+against the model's own rate, the default precision, alternating, medians over `repeats` runs.
+Dropout inside attention draws one random number per attention weight and keeps PyTorch from
+its fused attention kernel; at 0 that kernel runs.
+
 The float32 head (`head_precision`, run on its own: `python bench/train_bench.py --head-precision`):
 training questions/s (the steps above, default precision) and encoding passages/s (`encode_texts`
 on encode_bench's passage sample) with the pooling, normalisation, similarity and loss in float32,
@@ -50,7 +56,8 @@ def _steps(precision: str, data, cfg, enc_cfg, n_steps: int) -> dict:
     from dprpipe.train import epoch_batches, seed_everything
 
     seed_everything(cfg.seed)
-    model, _ = DualEncoder.load(enc_cfg.model, replace(enc_cfg, precision=precision))
+    model, _ = DualEncoder.load(enc_cfg.model, replace(enc_cfg, precision=precision),
+                                attention_dropout=cfg.attention_dropout)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
@@ -188,6 +195,36 @@ def run(data: str, quick: bool, repeats: int) -> dict:
     }
 
 
+def attention_dropout(data: str, repeats: int) -> dict:
+    """Training steps (the default precision) with params.yaml's `train.attention_dropout` against the
+    model's own rate (None), the two alternating `repeats` times; each run one warm-up and 2 timed steps."""
+    from measure import cpu_model, load_average
+
+    from dprpipe.model import EncoderConfig, native_bf16
+    from dprpipe.prepare import read_dataset
+    from dprpipe.train import TrainConfig, TrainData
+
+    enc_cfg = section_config(EncoderConfig, "model")
+    cfg = section_config(TrainConfig, "train")
+    ds = read_dataset(data)
+    all_train, negatives = _mined(ds)
+    data_ = TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * 3], dev=[], negatives=negatives)
+    settings = {"configured": cfg.attention_dropout, "model's own": None}
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, rate in settings.items():
+            load = load_average()[0]
+            r = _steps(enc_cfg.precision, data_, replace(cfg, attention_dropout=rate), enc_cfg, 2)
+            runs[name].append({**r, "load": [load, load_average()[0]]})
+    median = {name: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
+    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "settings": settings,
+            "uses_bf16": enc_cfg.precision == "bf16" or (enc_cfg.precision == "auto"
+                                                          and native_bf16(torch.device("cpu"))),
+            "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
+            "passage_max_length": cfg.passage_max_length, "runs": runs, "median_step_s": median,
+            "speedup": median["model's own"] / median["configured"]}
+
+
 @contextlib.contextmanager
 def previous_head():
     """dprpipe with pooling, normalisation, similarity and loss as autocast leaves them (the similarity
@@ -304,12 +341,29 @@ if __name__ == "__main__":
 
     from measure import DEFAULT_DATA, table
 
-    p = argparse.ArgumentParser(description="the float32 head's speed cost (see the module docstring)")
-    p.add_argument("--head-precision", action="store_true", required=True)
+    p = argparse.ArgumentParser(description="one training measurement run on its own (see the module docstring)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--head-precision", action="store_true", help="the float32 head's speed cost")
+    what.add_argument("--attention-dropout", action="store_true",
+                      help="step time at train.attention_dropout against the model's own rate")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
+    if args.attention_dropout:
+        res = attention_dropout(args.data, args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "
+              f"{res['batch_size']} questions + {res['hard_negatives']} hard negative(s), passages at "
+              f"{res['passage_max_length']} tokens; medians of {args.repeats} runs of 2 steps")
+        print(table(["attention dropout", "s/step", "questions/s", "s/step per run", "load (1 min) per run"], [
+            [f"{name} ({rate})", res["median_step_s"][name], res["batch_size"] / res["median_step_s"][name],
+             ", ".join(f"{r['median_step_s']:.2f}" for r in res["runs"][name]),
+             ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][name])]
+            for name, rate in res["settings"].items()]))
+        print(f"speed-up of the configured rate: {res['speedup']:.2f}x")
+        raise SystemExit(0)
     res = head_precision(args.data, args.repeats)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

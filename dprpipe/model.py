@@ -129,6 +129,31 @@ def compute_loss(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
         return F.cross_entropy(scores, targets)
 
 
+# the config key of the dropout on attention probabilities: BERT, RoBERTa, MPNet, XLM-R, ...;
+# DistilBERT, ModernBERT, ...
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def attention_dropout_override(src: str, rate: float | None) -> dict[str, float]:
+    """The `from_pretrained` keyword that sets `src`'s attention dropout to `rate` ({} for None).
+
+    Training with it at 0 lets PyTorch's fused attention kernel run (dropout inside attention
+    forces the unfused path, which draws one random number per attention weight).
+    """
+    if rate is None:
+        return {}
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"attention dropout must be in [0, 1), got {rate}")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src)
+    key = next((k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)), None)
+    if key is None:
+        raise ValueError(f"{src}: its {type(config).__name__} has none of {', '.join(ATTENTION_DROPOUT_KEYS)}; "
+                         "set train.attention_dropout to null (the model's own)")
+    return {key: rate}
+
+
 class DualEncoder(nn.Module):
     def __init__(self, query_model: nn.Module, passage_model: nn.Module, tokenizer, cfg: EncoderConfig):
         super().__init__()
@@ -138,10 +163,14 @@ class DualEncoder(nn.Module):
         self.cfg = cfg
 
     @classmethod
-    def load(cls, name_or_path: str, cfg: EncoderConfig | None = None) -> tuple[DualEncoder, dict]:
+    def load(cls, name_or_path: str, cfg: EncoderConfig | None = None,
+             attention_dropout: float | None = None) -> tuple[DualEncoder, dict]:
         """Load a checkpoint written by `save` (its own config wins) or a base model with `cfg`.
 
-        Returns the model and the checkpoint's saved metadata ({} for a base model). Weights are
+        `attention_dropout` (None: the model's own) replaces the dropout rate on attention
+        probabilities of both encoders; it only acts in training, and a checkpoint saved from the
+        model keeps it in its config.json. Returns the model and the checkpoint's saved metadata
+        ({} for a base model). Weights are
         read from safetensors only (never a pickle). A checkpoint that is truncated, corrupted
         (against its checksums.sha256, when it has one), missing files or weights, or that
         does not match its config, is a DataError naming the folder: never a half-random model.
@@ -153,7 +182,9 @@ class DualEncoder(nn.Module):
         hf_logging.disable_progress_bar()  # one bar per weight file is noise in stage logs
 
         def encoder(src):
-            model, info = AutoModel.from_pretrained(src, use_safetensors=True, output_loading_info=True)
+            overrides = attention_dropout_override(src, attention_dropout)
+            model, info = AutoModel.from_pretrained(src, use_safetensors=True, output_loading_info=True,
+                                                    **overrides)
             # from_pretrained fills weights a file lacks with random ones; the pooler is never used
             missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
             if missing:

@@ -81,6 +81,7 @@ class TrainConfig:
     nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
     grad_cache_chunk: int = 0      # > 0: gradient caching, texts encoded N at a time (memory of N, any batch)
     include_dev: bool = True       # train on the dev questions too (no validation: the last epoch is kept)
+    attention_dropout: float | None = None  # dropout on attention weights while training (None: the model's own)
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):
@@ -93,11 +94,17 @@ class TrainConfig:
         if unknown or not self.negatives:
             raise ValueError(f"unknown negatives {self.negatives!r}; expected one of {', '.join(NEGATIVE_SOURCES)} "
                              "or several joined by '+'")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1) or null, got {self.attention_dropout}")
         if self.grad_cache_chunk < 0:
             raise ValueError(f"grad_cache_chunk must be >= 0 (0: off), got {self.grad_cache_chunk}")
 
     def negative_sources(self) -> list[str]:
         return self.negatives.split("+")
+
+    def negatives_read(self) -> list[str]:
+        """The negative sources a run reads: training's, and BM25's for validation's dev pool (none in the refit)."""
+        return list(dict.fromkeys(self.negative_sources() + ([] if self.include_dev else ["bm25"])))
 
 
 @dataclass
@@ -192,7 +199,8 @@ def _validate_and_keep(model: DualEncoder, data: TrainData, cfg: TrainConfig, pi
     record["kept"] = keep   # the checkpoint is the last epoch kept (epoch 0: the starting model)
     history.append(record)
     print(json.dumps(record))
-    if keep:
+    # without validation every epoch is kept and the last one wins: only it is written
+    if keep and (val or epoch == cfg.epochs):
         best = val.get(cfg.validation)
         with atomic_dir(state_dir / "best") as tmp:
             model.save(tmp, {"train": asdict(cfg), "epoch": epoch, "validation": val})

@@ -98,7 +98,7 @@ def _train(args, enc: EncoderConfig, cfg: TrainConfig) -> list[dict]:
         print(f"note: {distributed.world_size()} process(es) train (train.nproc is {cfg.nproc}); "
               f"a global batch is {distributed.world_size() * cfg.batch_size} questions")
     folders = negative_folders(args.negatives)
-    for s in dict.fromkeys(cfg.negative_sources() + ["bm25"]):
+    for s in cfg.negatives_read():
         if s not in folders:
             sys.exit(f"error: train.negatives needs the {s} negatives but no --negatives {s}=FOLDER was given "
                      "(dvc.yaml's train command)")
@@ -107,8 +107,8 @@ def _train(args, enc: EncoderConfig, cfg: TrainConfig) -> list[dict]:
                      + (" (the dataset provides none)" if s == "provided" else "; run the stage that writes it"))
     train_negs = interleave([read_negatives(folders[s]) for s in cfg.negative_sources()])
     data = TrainData(read_corpus(args.corpus), read_queries(args.train), read_queries(args.dev),
-                     train_negs, val_negatives=read_negatives(folders["bm25"]))
-    model, _ = DualEncoder.load(enc.model, enc)
+                     train_negs, val_negatives=None if cfg.include_dev else read_negatives(folders["bm25"]))
+    model, _ = DualEncoder.load(enc.model, enc, attention_dropout=cfg.attention_dropout)
     model.to(distributed.device())
     return train(model, data, cfg, args.out, args.state)  # progress bar on rank 0 only
 

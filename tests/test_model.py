@@ -247,3 +247,65 @@ def test_separate_encoders_checkpoint_round_trip(tmp_path):
         state = original.state_dict()
         for name, tensor in hf.state_dict().items():
             assert torch.equal(tensor, state[name]), (sub, name)
+
+
+def _base_folder(tmp_path, attention_dropout=0.5):
+    """A plain Hugging Face folder: a tiny BERT whose only dropout is on attention weights."""
+    from dense_fixtures import tiny_bert, tokenizer
+
+    bert = tiny_bert(0)
+    bert.config.attention_probs_dropout_prob = attention_dropout
+    bert.config.hidden_dropout_prob = 0.0
+    bert.save_pretrained(tmp_path)
+    tokenizer().save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def _train_mode_vectors(model, seed):
+    model.train()
+    torch.manual_seed(seed)
+    batch = model.tokenize_passages(["the apple is here", "a story of the river and more river facts"])
+    with torch.no_grad():
+        return model.encode_passage(batch).numpy()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_attention_dropout_override(tmp_path, shared):
+    cfg = EncoderConfig(precision="fp32", shared=shared)
+    base = _base_folder(tmp_path / "base")
+    kept, _ = DualEncoder.load(base, cfg)
+    assert kept.passage_model.config.attention_probs_dropout_prob == 0.5
+    # the model's own rate drops attention weights in training: two seeds, two outputs
+    assert not np.allclose(_train_mode_vectors(kept, 1), _train_mode_vectors(kept, 2))
+
+    off, _ = DualEncoder.load(base, cfg, attention_dropout=0.0)
+    for m in (off.query_model, off.passage_model):
+        assert m.config.attention_probs_dropout_prob == 0.0
+    # no dropout left: training mode computes what evaluation mode does, whatever the seed
+    train_v = _train_mode_vectors(off, 1)
+    off.eval()
+    with torch.no_grad():
+        eval_v = off.encode_passage(off.tokenize_passages(["the apple is here",
+                                                           "a story of the river and more river facts"])).numpy()
+    assert np.allclose(train_v, eval_v, atol=1e-6)
+    assert np.allclose(train_v, _train_mode_vectors(off, 2), atol=1e-6)
+
+    # a checkpoint keeps the rate it was trained with, and a checkpoint can be overridden too
+    off.save(tmp_path / "ckpt")
+    again, _ = DualEncoder.load(str(tmp_path / "ckpt"))
+    assert again.passage_model.config.attention_probs_dropout_prob == 0.0
+    back, _ = DualEncoder.load(str(tmp_path / "ckpt"), attention_dropout=0.25)
+    assert back.query_model.config.attention_probs_dropout_prob == 0.25
+
+
+def test_attention_dropout_override_names_the_keys_a_config_lacks(tmp_path):
+    from transformers import T5Config
+
+    from dprpipe.model import attention_dropout_override
+
+    assert attention_dropout_override(str(tmp_path), None) == {}  # None: nothing read, nothing changed
+    T5Config(d_model=8, num_layers=1, num_heads=1, d_kv=8, d_ff=8).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob, attention_dropout"):
+        attention_dropout_override(str(tmp_path), 0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        attention_dropout_override(str(tmp_path), 1.0)

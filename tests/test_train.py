@@ -142,6 +142,14 @@ def test_train_config_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown negatives 'bm25\\+ance'"):
         TrainConfig(negatives="bm25+ance")
     assert TrainConfig(negatives="dense+bm25").negative_sources() == ["dense", "bm25"]
+    # validation's dev pool is BM25's; the refit validates nothing, so needs no BM25 negatives
+    assert TrainConfig(negatives="dense", include_dev=False).negatives_read() == ["dense", "bm25"]
+    assert TrainConfig(negatives="dense", include_dev=True).negatives_read() == ["dense"]
+    assert TrainConfig(negatives="bm25+dense", include_dev=False).negatives_read() == ["bm25", "dense"]
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="attention_dropout"):
+            TrainConfig(attention_dropout=bad)
+    assert TrainConfig(attention_dropout=0.0).attention_dropout == 0.0
 
 
 def test_validation_ranks_the_dev_pool_of_val_negatives_not_training_negatives():
@@ -230,6 +238,13 @@ def test_include_dev_trains_on_the_dev_questions_and_keeps_the_last_epoch(tmp_pa
         return batches
 
     monkeypatch.setattr(train_mod, "epoch_batches", spy)
+    written, real_dir = [], train_mod.atomic_dir
+
+    def dir_spy(path):
+        written.append(Path(path).name)
+        return real_dir(path)
+
+    monkeypatch.setattr(train_mod, "atomic_dir", dir_spy)
     data = _data()
     cfg = replace(CFG, epochs=2, include_dev=True)
     history = train(tiny_encoder(seed=0, **ENCODER), data, cfg, tmp_path / "out", tmp_path / "state", progress=False)
@@ -239,6 +254,7 @@ def test_include_dev_trains_on_the_dev_questions_and_keeps_the_last_epoch(tmp_pa
     assert [h["epoch"] for h in history] == [0, 1, 2] and all(h["kept"] for h in history)
     assert not any(k.startswith("val_") for h in history for k in h)
     assert json.loads((tmp_path / "out" / "dpr_config.json").read_text())["epoch"] == 2
+    assert written.count("best") == 1   # nothing to choose between: only the last epoch's model is written
 
 
 def _only_state(root: Path) -> Path:
