@@ -20,8 +20,8 @@ then `repeats` steps (at most 2 above 32 questions) over distinct training quest
 median step and the process's peak RSS (VmHWM), also above its RSS once model and data are loaded.
 
 Attention dropout (`attention_dropout`, run on its own: `python bench/train_bench.py
---attention-dropout`): seconds per training step at params.yaml's `train.attention_dropout`
-against the model's own rate, the default precision, alternating, medians over `repeats` runs.
+--attention-dropout [--rate 0]`): seconds per training step at the rate given (default 0) against
+the model's own rate, the default precision, alternating, medians over `repeats` runs.
 Dropout inside attention draws one random number per attention weight and keeps PyTorch from
 its fused attention kernel; at 0 that kernel runs.
 
@@ -96,7 +96,7 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
     data_ = TrainData(corpus=ds.corpus, train=[q for q in ds.splits["train"] if q.positives], dev=[],
                       negatives=json.loads(Path(negatives).read_text()))
     seed_everything(cfg.seed)
-    model, _ = DualEncoder.load(enc_cfg.model, enc_cfg)
+    model, _ = DualEncoder.load(enc_cfg.model, enc_cfg, attention_dropout=cfg.attention_dropout)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pid_index = {p.id: i for i, p in enumerate(data_.corpus)}
@@ -195,8 +195,8 @@ def run(data: str, quick: bool, repeats: int) -> dict:
     }
 
 
-def attention_dropout(data: str, repeats: int) -> dict:
-    """Training steps (the default precision) with params.yaml's `train.attention_dropout` against the
+def attention_dropout(data: str, repeats: int, rate: float = 0.0) -> dict:
+    """Training steps (the default precision) at attention-dropout `rate` ("configured") against the
     model's own rate (None), the two alternating `repeats` times; each run one warm-up and 2 timed steps."""
     from measure import cpu_model, load_average
 
@@ -209,7 +209,7 @@ def attention_dropout(data: str, repeats: int) -> dict:
     ds = read_dataset(data)
     all_train, negatives = _mined(ds)
     data_ = TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * 3], dev=[], negatives=negatives)
-    settings = {"configured": cfg.attention_dropout, "model's own": None}
+    settings = {"configured": rate, "model's own": None}
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     for _ in range(repeats):
         for name, rate in settings.items():
@@ -345,13 +345,14 @@ if __name__ == "__main__":
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--head-precision", action="store_true", help="the float32 head's speed cost")
     what.add_argument("--attention-dropout", action="store_true",
-                      help="step time at train.attention_dropout against the model's own rate")
+                      help="step time at attention dropout --rate against the model's own rate")
+    p.add_argument("--rate", type=float, default=0.0, help="--attention-dropout's rate (default: 0)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     if args.attention_dropout:
-        res = attention_dropout(args.data, args.repeats)
+        res = attention_dropout(args.data, args.repeats, args.rate)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
         print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "

@@ -33,12 +33,15 @@ def fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_siz
 
     `nproc` is left out (the actual world size counts), and a single process adds nothing, so
     states saved before distributed training existed still resume; so does `grad_cache_chunk`
-    when it is off. On, it counts: its chunks draw other dropout masks than whole batches.
+    when it is off. On, it counts: its chunks draw other dropout masks than whole batches. So
+    does `attention_dropout` when it is set (None, the model's own rate, adds nothing).
     """
     settings = {**asdict(cfg), "resume": None, "encoder": asdict(model.cfg)}
     del settings["nproc"]
     if not cfg.grad_cache_chunk:   # off: states saved before gradient caching existed still resume
         del settings["grad_cache_chunk"]
+    if cfg.attention_dropout is None:   # likewise for states saved before the setting existed
+        del settings["attention_dropout"]
     if world_size > 1:
         settings["world_size"] = world_size
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

@@ -134,23 +134,28 @@ def compute_loss(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
+def check_attention_dropout(rate: float | None) -> None:
+    if rate is not None and not 0.0 <= rate < 1.0:
+        raise ValueError(f"attention dropout must be in [0, 1) or None, got {rate}")
+
+
 def attention_dropout_override(src: str, rate: float | None) -> dict[str, float]:
     """The `from_pretrained` keyword that sets `src`'s attention dropout to `rate` ({} for None).
 
     Training with it at 0 lets PyTorch's fused attention kernel run (dropout inside attention
-    forces the unfused path, which draws one random number per attention weight).
+    forces the unfused path, which draws one random number per attention weight). A model whose
+    config names no such rate is a DataError naming it.
     """
+    check_attention_dropout(rate)
     if rate is None:
         return {}
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"attention dropout must be in [0, 1), got {rate}")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(src)
     key = next((k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)), None)
     if key is None:
-        raise ValueError(f"{src}: its {type(config).__name__} has none of {', '.join(ATTENTION_DROPOUT_KEYS)}; "
-                         "set train.attention_dropout to null (the model's own)")
+        raise DataError(src, None, f"its {type(config).__name__} has none of {', '.join(ATTENTION_DROPOUT_KEYS)}; "
+                        "set train.attention_dropout to null (the model's own)")
     return {key: rate}
 
 
@@ -170,8 +175,7 @@ class DualEncoder(nn.Module):
         `attention_dropout` (None: the model's own) replaces the dropout rate on attention
         probabilities of both encoders; it only acts in training, and a checkpoint saved from the
         model keeps it in its config.json. Returns the model and the checkpoint's saved metadata
-        ({} for a base model). Weights are
-        read from safetensors only (never a pickle). A checkpoint that is truncated, corrupted
+        ({} for a base model). Weights are read from safetensors only (never a pickle). A checkpoint that is truncated, corrupted
         (against its checksums.sha256, when it has one), missing files or weights, or that
         does not match its config, is a DataError naming the folder: never a half-random model.
         """
@@ -180,6 +184,7 @@ class DualEncoder(nn.Module):
 
 
         hf_logging.disable_progress_bar()  # one bar per weight file is noise in stage logs
+        check_attention_dropout(attention_dropout)   # a bad value is the caller's, not the model's
 
         def encoder(src):
             overrides = attention_dropout_override(src, attention_dropout)

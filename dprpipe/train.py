@@ -191,7 +191,10 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 def _validate_and_keep(model: DualEncoder, data: TrainData, cfg: TrainConfig, pid_index: Mapping[str, int],
                        state_dir: Path, history: list, epoch: int, loss: float | None, seconds: float, seen: int,
                        best: float | None) -> float | None:
-    """Validate, log the epoch into `history`, save the model as `best/` if it beats `best`."""
+    """Validate, log the epoch into `history`, save the model as `best/` if it beats `best`.
+
+    Without validation (no judged dev question, or `include_dev`) every epoch is kept and only the
+    last one is saved."""
     val = validate(model, data, cfg, pid_index)
     record = {"epoch": epoch, "loss": loss, "questions_per_s": seen / seconds if seconds else None,
               "seconds": seconds, **{f"val_{k}": v for k, v in val.items()}}
@@ -199,7 +202,6 @@ def _validate_and_keep(model: DualEncoder, data: TrainData, cfg: TrainConfig, pi
     record["kept"] = keep   # the checkpoint is the last epoch kept (epoch 0: the starting model)
     history.append(record)
     print(json.dumps(record))
-    # without validation every epoch is kept and the last one wins: only it is written
     if keep and (val or epoch == cfg.epochs):
         best = val.get(cfg.validation)
         with atomic_dir(state_dir / "best") as tmp:
@@ -225,7 +227,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
 
     The resumable state lives in `state_folder(state_root, ...)`, one folder per fingerprint of
     the config and training data: `last/` (weights, optimiser, schedule, RNG, position) and `best/`
-    (the best model so far). It is a scratch folder, not an output: a finished run removes it, so
+    (the best model so far; without validation, the last epoch's, written once it ends). It is a scratch folder, not an output: a finished run removes it, so
     the checkpoint alone is the result (and DVC can cache the stage). Under torchrun (an
     initialised process group, see `distributed`) every rank calls this with the same arguments and
     `cfg.batch_size` questions per rank; rank 0 writes `out_dir` and the state (a folder all ranks

@@ -295,17 +295,24 @@ def test_attention_dropout_override(tmp_path, shared):
     again, _ = DualEncoder.load(str(tmp_path / "ckpt"))
     assert again.passage_model.config.attention_probs_dropout_prob == 0.0
     back, _ = DualEncoder.load(str(tmp_path / "ckpt"), attention_dropout=0.25)
-    assert back.query_model.config.attention_probs_dropout_prob == 0.25
+    for m in (back.query_model, back.passage_model):
+        assert m.config.attention_probs_dropout_prob == 0.25
+    assert not np.allclose(_train_mode_vectors(back, 1), _train_mode_vectors(back, 2))
 
 
 def test_attention_dropout_override_names_the_keys_a_config_lacks(tmp_path):
     from transformers import T5Config
 
+    from dprpipe.io import DataError
     from dprpipe.model import attention_dropout_override
 
     assert attention_dropout_override(str(tmp_path), None) == {}  # None: nothing read, nothing changed
     T5Config(d_model=8, num_layers=1, num_heads=1, d_kv=8, d_ff=8).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="attention_probs_dropout_prob, attention_dropout"):
+    with pytest.raises(DataError, match="attention_probs_dropout_prob, attention_dropout"):
         attention_dropout_override(str(tmp_path), 0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         attention_dropout_override(str(tmp_path), 1.0)
+    # a bad rate is the caller's error, raised as such before any model is read
+    with pytest.raises(ValueError, match=r"\[0, 1\)") as raised:
+        DualEncoder.load(str(tmp_path / "nowhere"), EncoderConfig(), attention_dropout=-0.5)
+    assert not isinstance(raised.value, DataError)

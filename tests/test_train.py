@@ -257,6 +257,38 @@ def test_include_dev_trains_on_the_dev_questions_and_keeps_the_last_epoch(tmp_pa
     assert written.count("best") == 1   # nothing to choose between: only the last epoch's model is written
 
 
+def test_include_dev_resumed_in_its_last_epoch_writes_what_an_uninterrupted_run_does(tmp_path, monkeypatch):
+    cfg = replace(CFG, epochs=2, include_dev=True)
+    train(tiny_encoder(seed=0, **ENCODER), _data(), cfg, tmp_path / "ref", tmp_path / "ref_state", progress=False)
+    data = _data()
+    steps = -(-sum(1 for q in [*data.train, *data.dev] if q.positives) // cfg.batch_size)
+    real_batch_loss, calls = loss_mod.batch_loss, []
+
+    def dying_batch_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == steps + 2:   # the 2nd step of the last epoch
+            raise KeyboardInterrupt
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loss_mod, "batch_loss", dying_batch_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_encoder(seed=0, **ENCODER), data, cfg, tmp_path / "out", tmp_path / "state", progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists() and not (_only_state(tmp_path / "state") / "best").exists()
+    train(tiny_encoder(seed=0, **ENCODER), _data(), cfg, tmp_path / "out", tmp_path / "state", progress=False)
+    _assert_same_weights(_weights(tmp_path / "out")[0], _weights(tmp_path / "ref")[0])
+    assert json.loads((tmp_path / "out" / "dpr_config.json").read_text())["epoch"] == 2
+
+
+def test_include_dev_with_no_epochs_writes_the_starting_model(tmp_path):
+    model = tiny_encoder(seed=0, **ENCODER)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, _data(), replace(CFG, epochs=0, include_dev=True), tmp_path / "out", tmp_path / "state",
+          progress=False)
+    assert json.loads((tmp_path / "out" / "dpr_config.json").read_text())["epoch"] == 0
+    _assert_same_weights(_weights(tmp_path / "out")[0], start)
+
+
 def _only_state(root: Path) -> Path:
     """The one resumable state under a state root (a folder named by the run's fingerprint)."""
     (folder,) = list(root.iterdir())
@@ -390,6 +422,9 @@ def test_resume_fingerprint_counts_the_world_size_not_the_nproc_setting():
     # a state saved by 2 ranks (global batch 2 * batch_size) is another run
     assert fingerprint(CFG, model, data, world_size=2) != one
     assert fingerprint(replace(CFG, epochs=4), model, data) != one
+    # a set attention-dropout rate is another run; None (the model's own) is the run it was before
+    assert len({one, fingerprint(replace(CFG, attention_dropout=0.0), model, data),
+                fingerprint(replace(CFG, attention_dropout=0.1), model, data)}) == 3
 
 
 # ---------------------------------------------------------------- gradient caching
