@@ -58,7 +58,7 @@ from dprpipe.prepare import PrepareConfig, prepare
 from dprpipe.evaluate import EvaluateConfig, evaluate_runs
 from dprpipe.io import Run, atomic_write
 from dprpipe.mine import MineConfig, Miner
-from dprpipe.model import EncoderConfig, native_bf16, passage_texts, resolve_model
+from dprpipe.model import EncoderConfig, passage_texts, resolve_model, uses_bf16
 from dprpipe.records import Passage, Query
 from dprpipe.search import hybrid_run
 from dprpipe.train import TrainConfig
@@ -217,7 +217,7 @@ def main() -> None:
 
     torch_dev = torch.device("cpu")
     enc = section_config(EncoderConfig, "model")
-    bf16 = enc.precision == "bf16" or (enc.precision == "auto" and native_bf16(torch_dev))
+    bf16 = uses_bf16(enc, torch_dev)
     corpus, train, dev, test = load_split(args.data, args.holdout)
     miner = Miner(corpus, section_config(MineConfig, "mine"))
     bm25 = {"test": miner.run(test, RUN_DEPTH), "dev": miner.run(dev, RUN_DEPTH) if dev else {}}

@@ -84,7 +84,7 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
     """Runs in a fresh process: `steps` training steps of `batch_size` questions, caching in `chunk`s."""
     from measure import load_average, peak_rss_bytes, rss_bytes
 
-    from dprpipe.model import DualEncoder, EncoderConfig, native_bf16
+    from dprpipe.model import DualEncoder, EncoderConfig, uses_bf16
     from dprpipe.prepare import read_dataset
     from dprpipe.loss import step_gradients
     from dprpipe.train import TrainConfig, TrainData, epoch_batches, seed_everything
@@ -123,8 +123,7 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
             "median_step_s": median, "questions_per_s": batch_size / median, "losses": losses[1:],
             "baseline_rss_mb": baseline / 2**20, "peak_rss_mb": peak / 2**20,
             "peak_above_baseline_mb": max(0, peak - baseline) / 2**20, "load": [load0, load_average()[0]],
-            "uses_bf16": enc_cfg.precision == "bf16" or (enc_cfg.precision == "auto"
-                                                          and native_bf16(torch.device("cpu"))),
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -167,7 +166,7 @@ def grad_cache_section(data: str, quick: bool, repeats: int) -> dict:
 
 def run(data: str, quick: bool, repeats: int) -> dict:
     from dprpipe.prepare import read_dataset
-    from dprpipe.model import EncoderConfig, native_bf16
+    from dprpipe.model import EncoderConfig, uses_bf16
     from dprpipe.train import TrainConfig, TrainData
 
     enc_cfg = section_config(EncoderConfig, "model")
@@ -186,8 +185,7 @@ def run(data: str, quick: bool, repeats: int) -> dict:
         "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
         "passage_max_length": cfg.passage_max_length, "steps_timed": n_steps,
         "default_precision": enc_cfg.precision,
-        "default_uses_bf16": enc_cfg.precision == "bf16" or (enc_cfg.precision == "auto"
-                                                              and native_bf16(torch.device("cpu"))),
+        "default_uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")),
         "fp32": fp32, "default": default,
         "ratio": default["questions_per_s"] / fp32["questions_per_s"],
         "same_losses": fp32["losses"] == default["losses"],
@@ -200,7 +198,7 @@ def attention_dropout(data: str, repeats: int, rate: float = 0.0) -> dict:
     model's own rate (None), the two alternating `repeats` times; each run one warm-up and 2 timed steps."""
     from measure import cpu_model, load_average
 
-    from dprpipe.model import EncoderConfig, native_bf16
+    from dprpipe.model import EncoderConfig, uses_bf16
     from dprpipe.prepare import read_dataset
     from dprpipe.train import TrainConfig, TrainData
 
@@ -212,14 +210,13 @@ def attention_dropout(data: str, repeats: int, rate: float = 0.0) -> dict:
     settings = {"configured": rate, "model's own": None}
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     for _ in range(repeats):
-        for name, rate in settings.items():
+        for name, setting in settings.items():
             load = load_average()[0]
-            r = _steps(enc_cfg.precision, data_, replace(cfg, attention_dropout=rate), enc_cfg, 2)
+            r = _steps(enc_cfg.precision, data_, replace(cfg, attention_dropout=setting), enc_cfg, 2)
             runs[name].append({**r, "load": [load, load_average()[0]]})
     median = {name: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
     return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "settings": settings,
-            "uses_bf16": enc_cfg.precision == "bf16" or (enc_cfg.precision == "auto"
-                                                          and native_bf16(torch.device("cpu"))),
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")),
             "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
             "passage_max_length": cfg.passage_max_length, "runs": runs, "median_step_s": median,
             "speedup": median["model's own"] / median["configured"]}
@@ -268,7 +265,7 @@ def head_precision(data: str, repeats: int, steps: int = 2, passages: int = 128)
     from measure import cpu_model, load_average, timed
 
     from dprpipe.encode import encode_texts
-    from dprpipe.model import DualEncoder, EncoderConfig, autocast, native_bf16, passage_texts
+    from dprpipe.model import DualEncoder, EncoderConfig, autocast, uses_bf16, passage_texts
     from dprpipe.prepare import read_dataset
     from dprpipe.train import TrainConfig, TrainData
 
@@ -278,8 +275,8 @@ def head_precision(data: str, repeats: int, steps: int = 2, passages: int = 128)
     all_train, negatives = _mined(ds)
     data_ = TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * (steps + 1)], dev=[], negatives=negatives)
     heads = {"fp32": contextlib.nullcontext, "previous": previous_head}
-    out = {"cpu": cpu_model(), "uses_bf16": enc_cfg.precision == "bf16" or (
-        enc_cfg.precision == "auto" and native_bf16(torch.device("cpu"))), "torch_threads": torch.get_num_threads(),
+    out = {"cpu": cpu_model(), "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")),
+           "torch_threads": torch.get_num_threads(),
         "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives, "steps": steps, "passages": passages,
         "train": {h: [] for h in heads}, "encode": {h: [] for h in heads}}
     for _ in range(repeats):

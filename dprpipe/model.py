@@ -78,10 +78,14 @@ def native_bf16(dev: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def uses_bf16(cfg: EncoderConfig, dev: torch.device) -> bool:
+    """Whether this precision setting runs bf16 autocast on this device."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(dev))
+
+
 def autocast(cfg: EncoderConfig, dev: torch.device):
     """The autocast context for this precision setting on this device."""
-    on = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(dev))
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, dev))
 
 
 def _no_autocast(t: torch.Tensor):
@@ -135,8 +139,9 @@ ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
 def check_attention_dropout(rate: float | None) -> None:
+    """A rate of attention dropout is None (the model's own) or in [0, 1); else a ValueError."""
     if rate is not None and not 0.0 <= rate < 1.0:
-        raise ValueError(f"attention dropout must be in [0, 1) or None, got {rate}")
+        raise ValueError(f"attention_dropout must be in [0, 1) or null, got {rate}")
 
 
 def attention_dropout_override(src: str, rate: float | None) -> dict[str, float]:
@@ -175,9 +180,10 @@ class DualEncoder(nn.Module):
         `attention_dropout` (None: the model's own) replaces the dropout rate on attention
         probabilities of both encoders; it only acts in training, and a checkpoint saved from the
         model keeps it in its config.json. Returns the model and the checkpoint's saved metadata
-        ({} for a base model). Weights are read from safetensors only (never a pickle). A checkpoint that is truncated, corrupted
-        (against its checksums.sha256, when it has one), missing files or weights, or that
-        does not match its config, is a DataError naming the folder: never a half-random model.
+        ({} for a base model). Weights are read from safetensors only (never a pickle). A
+        checkpoint that is truncated, corrupted (against its checksums.sha256, when it has one),
+        missing files or weights, or that does not match its config, is a DataError naming the
+        folder: never a half-random model.
         """
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging

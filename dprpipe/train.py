@@ -50,7 +50,7 @@ from .encode import encode_texts
 from .io import atomic_dir
 from .evaluate import ndcg_at_k
 from .loss import Towers, step_gradients
-from .model import DualEncoder, passage_texts
+from .model import DualEncoder, check_attention_dropout, passage_texts
 from .records import Passage, Query
 
 __all__ = ["NEGATIVE_SOURCES", "TrainConfig", "TrainData", "epoch_batches", "interleave", "seed_everything",
@@ -94,8 +94,7 @@ class TrainConfig:
         if unknown or not self.negatives:
             raise ValueError(f"unknown negatives {self.negatives!r}; expected one of {', '.join(NEGATIVE_SOURCES)} "
                              "or several joined by '+'")
-        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1) or null, got {self.attention_dropout}")
+        check_attention_dropout(self.attention_dropout)
         if self.grad_cache_chunk < 0:
             raise ValueError(f"grad_cache_chunk must be >= 0 (0: off), got {self.grad_cache_chunk}")
 
@@ -227,8 +226,9 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
 
     The resumable state lives in `state_folder(state_root, ...)`, one folder per fingerprint of
     the config and training data: `last/` (weights, optimiser, schedule, RNG, position) and `best/`
-    (the best model so far; without validation, the last epoch's, written once it ends). It is a scratch folder, not an output: a finished run removes it, so
-    the checkpoint alone is the result (and DVC can cache the stage). Under torchrun (an
+    (the best model so far; without validation, the last epoch's, written once it ends). It is a
+    scratch folder, not an output: a finished run removes it, so the checkpoint alone is the
+    result (and DVC can cache the stage). Under torchrun (an
     initialised process group, see `distributed`) every rank calls this with the same arguments and
     `cfg.batch_size` questions per rank; rank 0 writes `out_dir` and the state (a folder all ranks
     can read, for resume), and every rank returns rank 0's history; `history[i]["kept"]` marks the
