@@ -61,7 +61,7 @@ NEGATIVE_SOURCES = ("bm25", "dense", "provided")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 32
     hard_negatives: int = 1        # mined negatives per question (0 = in-batch only)
     negative_pool: int = 30        # sample them from this many top mined negatives
@@ -81,7 +81,7 @@ class TrainConfig:
     nproc: int = 1                 # processes for the train stage (torchrun); batch_size is per process
     grad_cache_chunk: int = 0      # > 0: gradient caching, texts encoded N at a time (memory of N, any batch)
     include_dev: bool = True       # train on the dev questions too (no validation: the last epoch is kept)
-    attention_dropout: float | None = None  # dropout on attention weights while training (None: the model's own)
+    attention_dropout: float | None = 0.0   # dropout on attention weights while training (None: the model's own)
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):
