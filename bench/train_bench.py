@@ -19,6 +19,10 @@ then `repeats` steps (at most 2 above 32 questions) over distinct training quest
 (`train.step_gradients`, as the train stage runs it; the default precision); the figures are the
 median step and the process's peak RSS (VmHWM), also above its RSS once model and data are loaded.
 
+The step's parts (`step_parts`, run on its own: `python bench/train_bench.py --step-parts`):
+seconds per training step as the train stage runs it (`FastDropout`, fused AdamW), with PyTorch's
+dropout modules, and with those and its unfused AdamW; alternating, medians over `repeats` runs.
+
 Attention dropout (`attention_dropout`, run on its own: `python bench/train_bench.py
 --attention-dropout [--rate 0]`): seconds per training step at the rate given (default 0) against
 the model's own rate, the default precision, alternating, medians over `repeats` runs.
@@ -50,16 +54,22 @@ from measure import child, section_config
 GRAD_CACHE_CONFIGS = ((32, 0), (32, 32), (128, 32), (256, 32), (128, 0))
 
 
-def _steps(precision: str, data, cfg, enc_cfg, n_steps: int) -> dict:
-    from dprpipe.model import DualEncoder, autocast
+def _steps(precision: str, data, cfg, enc_cfg, n_steps: int, fast_dropout: bool = True,
+           fused_adamw: bool = True) -> dict:
+    """`n_steps` timed steps after a warm-up; as the train stage runs them, or (`fast_dropout`,
+    `fused_adamw` False) with PyTorch's dropout modules or its unfused AdamW."""
+    from dprpipe.model import DualEncoder, autocast, use_fast_dropout
     from dprpipe.loss import batch_loss
-    from dprpipe.train import epoch_batches, seed_everything
+    from dprpipe.train import adamw, epoch_batches, seed_everything
 
     seed_everything(cfg.seed)
     model, _ = DualEncoder.load(enc_cfg.model, replace(enc_cfg, precision=precision),
                                 attention_dropout=cfg.attention_dropout)
+    if fast_dropout:
+        use_fast_dropout(model)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = (adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if fused_adamw else
+           torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
     batches = epoch_batches(data, cfg, 0, pid_index)[:n_steps + 1]
     dev = next(model.parameters()).device
@@ -84,10 +94,10 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
     """Runs in a fresh process: `steps` training steps of `batch_size` questions, caching in `chunk`s."""
     from measure import load_average, peak_rss_bytes, rss_bytes
 
-    from dprpipe.model import DualEncoder, EncoderConfig, uses_bf16
+    from dprpipe.model import DualEncoder, EncoderConfig, use_fast_dropout, uses_bf16
     from dprpipe.prepare import read_dataset
     from dprpipe.loss import step_gradients
-    from dprpipe.train import TrainConfig, TrainData, epoch_batches, seed_everything
+    from dprpipe.train import TrainConfig, TrainData, adamw, epoch_batches, seed_everything
 
     enc_cfg = section_config(EncoderConfig, "model")
     cfg = replace(section_config(TrainConfig, "train"), batch_size=batch_size, grad_cache_chunk=chunk,
@@ -97,8 +107,9 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
                       negatives=json.loads(Path(negatives).read_text()))
     seed_everything(cfg.seed)
     model, _ = DualEncoder.load(enc_cfg.model, enc_cfg, attention_dropout=cfg.attention_dropout)
+    use_fast_dropout(model)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pid_index = {p.id: i for i, p in enumerate(data_.corpus)}
     warmup = epoch_batches(data_, replace(cfg, batch_size=min(32, batch_size)), 1, pid_index)[0]
     batches = [b for b in epoch_batches(data_, cfg, 0, pid_index) if len(b) == batch_size][:steps]
@@ -222,6 +233,40 @@ def attention_dropout(data: str, repeats: int, rate: float = 0.0) -> dict:
             "speedup": median["model's own"] / median["configured"]}
 
 
+# (FastDropout, fused AdamW): the train stage's step, then each part undone
+STEP_KINDS = {"train stage": (True, True), "PyTorch dropout": (False, True),
+              "PyTorch dropout, unfused AdamW": (False, False)}
+
+
+def step_parts(data: str, repeats: int) -> dict:
+    """Training steps (default precision) as the train stage runs them, with PyTorch's dropout
+    modules, and with those and the unfused AdamW (the step before `FastDropout` and the fused
+    optimiser); the three alternate `repeats` times, each run one warm-up and 2 timed steps."""
+    from measure import cpu_model, load_average
+
+    from dprpipe.model import EncoderConfig, uses_bf16
+    from dprpipe.prepare import read_dataset
+    from dprpipe.train import TrainConfig, TrainData
+
+    enc_cfg = section_config(EncoderConfig, "model")
+    cfg = section_config(TrainConfig, "train")
+    ds = read_dataset(data)
+    all_train, negatives = _mined(ds)
+    data_ = TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * 3], dev=[], negatives=negatives)
+    runs: dict[str, list[dict]] = {name: [] for name in STEP_KINDS}
+    for _ in range(repeats):
+        for name, (fast, fused) in STEP_KINDS.items():
+            load = load_average()[0]
+            r = _steps(enc_cfg.precision, data_, cfg, enc_cfg, 2, fast_dropout=fast, fused_adamw=fused)
+            runs[name].append({**r, "load": [load, load_average()[0]]})
+    median = {name: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
+    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention_dropout": cfg.attention_dropout,
+            "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
+            "passage_max_length": cfg.passage_max_length, "runs": runs, "median_step_s": median,
+            "speedup": median["PyTorch dropout, unfused AdamW"] / median["train stage"]}
+
+
 @contextlib.contextmanager
 def previous_head():
     """dprpipe with pooling, normalisation, similarity and loss as autocast leaves them (the similarity
@@ -343,6 +388,8 @@ if __name__ == "__main__":
     what.add_argument("--head-precision", action="store_true", help="the float32 head's speed cost")
     what.add_argument("--attention-dropout", action="store_true",
                       help="step time at attention dropout --rate against the model's own rate")
+    what.add_argument("--step-parts", action="store_true",
+                      help="the stage's step against PyTorch's dropout modules and unfused AdamW")
     p.add_argument("--rate", type=float, default=0.0, help="--attention-dropout's rate (default: 0)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--repeats", type=int, default=3)
@@ -361,6 +408,21 @@ if __name__ == "__main__":
              ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][name])]
             for name, rate in res["settings"].items()]))
         print(f"speed-up of the configured rate: {res['speedup']:.2f}x")
+        raise SystemExit(0)
+    if args.step_parts:
+        res = step_parts(args.data, args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "
+              f"{res['batch_size']} questions + {res['hard_negatives']} hard negative(s), passages at "
+              f"{res['passage_max_length']} tokens, attention dropout {res['attention_dropout']}; medians of "
+              f"{args.repeats} runs of 2 steps")
+        print(table(["step", "s/step", "questions/s", "s/step per run", "load (1 min) per run"], [
+            [name, res["median_step_s"][name], res["batch_size"] / res["median_step_s"][name],
+             ", ".join(f"{r['median_step_s']:.2f}" for r in res["runs"][name]),
+             ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][name])]
+            for name in STEP_KINDS]))
+        print(f"speed-up of the train stage's step: {res['speedup']:.2f}x")
         raise SystemExit(0)
     res = head_precision(args.data, args.repeats)
     if args.json:

@@ -34,7 +34,9 @@ def fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_siz
     `nproc` is left out (the actual world size counts), and a single process adds nothing, so
     states saved before distributed training existed still resume; so does `grad_cache_chunk`
     when it is off. On, it counts: its chunks draw other dropout masks than whole batches. So
-    does `attention_dropout` when it is set (None, the model's own rate, adds nothing).
+    does `attention_dropout` when it is set (None, the model's own rate, adds nothing). The
+    way dropout masks are drawn counts too: a state resumed under other masks would not reach an
+    uninterrupted run's weights.
     """
     settings = {**asdict(cfg), "resume": None, "encoder": asdict(model.cfg)}
     del settings["nproc"]
@@ -44,6 +46,7 @@ def fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_siz
         del settings["attention_dropout"]
     if world_size > 1:
         settings["world_size"] = world_size
+    settings["dropout_masks"] = "int16-lanes"   # `FastDropout`'s: a state saved under bernoulli_ masks starts over
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for q in data.train:
         h.update(f"{q.id}\t{q.text}\t{sorted(q.relevant.items())}\t{list(data.negatives.get(q.id, []))}\n".encode())

@@ -14,6 +14,7 @@ encoder config and the training config, so a checkpoint always encodes the way i
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -162,6 +163,53 @@ def attention_dropout_override(src: str, rate: float | None) -> dict[str, float]
         raise DataError(src, None, f"its {type(config).__name__} has none of {', '.join(ATTENTION_DROPOUT_KEYS)}; "
                         "set train.attention_dropout to null (the model's own)")
     return {key: rate}
+
+
+# dropout masks drawn 16 bits at a time: four per 64-bit random word
+_LANES = 4
+_LANE_VALUES = 1 << 16
+
+
+def dropout_mask(shape: Sequence[int], p: float, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, float]:
+    """A CPU keep-mask (bool, `shape`) and the scale 1 / P(keep) of dropout at rate `p`.
+
+    PyTorch's CPU dropout draws one random number per element (`bernoulli_`), which cost 11% of
+    a training step here; this draws 64-bit words from `generator` (torch's default: seeded,
+    saved and restored with it) and reads four 16-bit lanes from each, 3 times cheaper. An element
+    is dropped with probability round(p * 2^16) / 2^16 (p = 0.1: 0.1000061), and the scale
+    uses that probability, so the expectation is exact.
+    """
+    n = math.prod(shape)
+    drop = round(p * _LANE_VALUES)
+    words = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64).random_(-2**63, None, generator=generator)
+    lanes = words.view(torch.int16)[:n]           # each uniform on [-2^15, 2^15)
+    keep = lanes >= drop - _LANE_VALUES // 2
+    return keep.view(*shape), _LANE_VALUES / (_LANE_VALUES - drop)
+
+
+class FastDropout(nn.Dropout):
+    """`nn.Dropout` whose CPU masks come from `dropout_mask`; elsewhere (GPU, eval, p = 0) the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        keep, scale = dropout_mask(x.shape, self.p)
+        return torch.where(keep, x, 0) * scale
+
+
+def use_fast_dropout(module: nn.Module) -> int:
+    """Replace every `nn.Dropout` in `module` by a `FastDropout` of the same rate; how many.
+
+    Attention-weight dropout passes only its rate to the attention kernel, which keeps its own.
+    """
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, FastDropout(child.p, child.inplace).train(child.training))
+                swapped += 1
+    return swapped
 
 
 class DualEncoder(nn.Module):

@@ -50,7 +50,7 @@ from .encode import encode_texts
 from .io import atomic_dir
 from .evaluate import ndcg_at_k
 from .loss import Towers, step_gradients
-from .model import DualEncoder, check_attention_dropout, passage_texts
+from .model import DualEncoder, check_attention_dropout, passage_texts, use_fast_dropout
 from .records import Passage, Query
 
 __all__ = ["NEGATIVE_SOURCES", "TrainConfig", "TrainData", "epoch_batches", "interleave", "seed_everything",
@@ -127,6 +127,16 @@ def interleave(sources: Sequence[Mapping[str, Sequence[str]]]) -> dict[str, list
         merged = (d for rank in range(max(map(len, lists))) for lst in lists if rank < len(lst) for d in [lst[rank]])
         out[qid] = list(dict.fromkeys(merged))
     return out
+
+
+def adamw(params, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW, fused where all `params` are on a CPU or CUDA device: one kernel per step instead
+    of a dozen elementwise passes per tensor (on the 2 x 22M parameters of MiniLM's two
+    encoders, 23 ms against 150-200 ms a step on the CPU here); the same update rule."""
+    params = list(params)   # tensors, or groups of them (dicts with "params")
+    tensors = [t for g in params for t in g["params"]] if isinstance(params[0], dict) else params
+    fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def seed_everything(seed: int) -> None:
@@ -247,6 +257,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
             torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank; rank 0 draws as one process
 
     seed()
+    use_fast_dropout(model)
     # the batches of one process with world * batch_size questions; each rank trains on its slice
     global_cfg = replace(cfg, batch_size=cfg.batch_size * world) if world > 1 else cfg
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
@@ -260,7 +271,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     warmup = int(cfg.warmup_ratio * total)
 
     def make_optimizer():
-        opt = torch.optim.AdamW([
+        opt = adamw([
             {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
             {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
         ], lr=cfg.lr)

@@ -316,3 +316,82 @@ def test_attention_dropout_override_names_the_keys_a_config_lacks(tmp_path):
     with pytest.raises(ValueError, match=r"\[0, 1\)") as raised:
         DualEncoder.load(str(tmp_path / "nowhere"), EncoderConfig(), attention_dropout=-0.5)
     assert not isinstance(raised.value, DataError)
+
+
+def _numpy_mask(words: np.ndarray, n: int, p: float) -> tuple[np.ndarray, float]:
+    """The reference: 16-bit little-endian lanes of the 64-bit words, kept where lane >= drop - 2^15."""
+    drop = round(p * 65536)
+    lanes = words.astype("<i8").view("<i2")[:n]
+    return lanes >= drop - 32768, 65536 / (65536 - drop)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.013])
+def test_dropout_mask_reads_four_16_bit_lanes_of_each_word(p):
+    from dprpipe.model import dropout_mask
+
+    shape, n = (3, 7, 5), 105
+    gen = torch.Generator().manual_seed(7)
+    keep, scale = dropout_mask(shape, p, gen)
+    assert keep.dtype == torch.bool and tuple(keep.shape) == shape
+    # the same 27 words (105 lanes, rounded up to whole words), read by NumPy
+    words = torch.empty(27, dtype=torch.int64).random_(-2**63, None, generator=torch.Generator().manual_seed(7))
+    want, want_scale = _numpy_mask(words.numpy(), n, p)
+    assert np.array_equal(keep.numpy().ravel(), want)
+    assert scale == want_scale == pytest.approx(1 / (1 - p), rel=1e-4)
+
+
+def test_dropout_mask_keeps_1_minus_p_in_every_lane():
+    # 4M draws: the standard error of a rate is 3e-4. Each of a word's four lanes is uniform, the top
+    # one included (a generator giving 63-bit words would keep every element of that lane).
+    from dprpipe.model import dropout_mask
+
+    keep, scale = dropout_mask((1 << 20, 4), 0.1, torch.Generator().manual_seed(0))
+    rates = keep.float().mean(0).numpy()
+    assert np.allclose(rates, 1 - 6554 / 65536, atol=2e-3), rates
+    assert keep.float().mean().item() * scale == pytest.approx(1.0, abs=1e-3)   # the expectation is kept
+
+
+def test_fast_dropout_forward_and_backward_by_hand():
+    from dprpipe.model import FastDropout, dropout_mask
+
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    layer = FastDropout(0.3)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    keep, scale = dropout_mask(x.shape, 0.3)
+    assert not keep.all()
+    assert torch.equal(y, torch.where(keep, x, 0) * scale)
+    y.sum().backward()
+    assert torch.equal(x.grad, keep.float() * scale)
+    layer.eval()
+    assert torch.equal(layer(x), x)   # evaluation: the identity, as nn.Dropout
+    assert torch.equal(FastDropout(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_use_fast_dropout_swaps_every_dropout_module_keeping_rates(shared):
+    from dprpipe.model import FastDropout, use_fast_dropout
+
+    model = tiny_encoder(shared=shared)
+    before = [(name, m.p) for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert before and any(p > 0 for _, p in before)
+    model.eval()
+    texts = ["the apple is here", "a story of the river"]
+    with torch.no_grad():
+        eval_before = model.encode_passage(model.tokenize_passages(texts))
+    assert use_fast_dropout(model) == len(before)
+    after = [(name, m.p) for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert after == before   # same modules, same rates (attention passes its `p` to the kernel)
+    assert all(type(m) is FastDropout for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout))
+    assert use_fast_dropout(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model.encode_passage(model.tokenize_passages(texts)), eval_before)
+        model.train()
+        torch.manual_seed(1)
+        one = model.encode_passage(model.tokenize_passages(texts))
+        torch.manual_seed(1)
+        same = model.encode_passage(model.tokenize_passages(texts))
+        torch.manual_seed(2)
+        other = model.encode_passage(model.tokenize_passages(texts))
+    assert torch.equal(one, same) and not torch.allclose(one, other)

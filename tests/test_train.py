@@ -643,3 +643,27 @@ def test_cached_run_resumes_after_interrupt_to_the_uninterrupted_weights(tmp_pat
     model, data = tiny_encoder(seed=0), _data()
     assert fingerprint(cfg, model, data) != fingerprint(CFG, model, data)
     assert fingerprint(replace(cfg, grad_cache_chunk=4), model, data) != fingerprint(cfg, model, data)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_plain_one():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+
+    def run(make):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = make([{"params": params[:1], "weight_decay": 0.01}, {"params": params[1:], "weight_decay": 0.0}])
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return opt, params
+
+    fused, got = run(lambda groups: train_mod.adamw(groups, lr=1e-2))
+    assert fused.defaults["fused"] is True
+    plain, want = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, foreach=False))
+    assert not plain.defaults["fused"]
+    for g, w, w0 in zip(got, want, weights):
+        assert not torch.equal(w, w0)
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    assert train_mod.adamw((p for p in [torch.nn.Parameter(torch.ones(2))]), lr=0.1).defaults["fused"] is True
