@@ -23,6 +23,11 @@ The step's parts (`step_parts`, run on its own: `python bench/train_bench.py --s
 seconds per training step as the train stage runs it (`FastDropout`, fused AdamW), with PyTorch's
 dropout modules, and with those and its unfused AdamW; alternating, medians over `repeats` runs.
 
+The attention kernel (`attention_kernel`, run on its own: `python bench/train_bench.py
+--attention-kernel`): seconds per train-stage step and peak RSS with Hugging Face's `sdpa`
+attention (PyTorch's fused kernel; what the stage runs) against `eager` (unfused), each run in a
+fresh process, alternating, medians over `repeats` runs.
+
 Attention dropout (`attention_dropout`, run on its own: `python bench/train_bench.py
 --attention-dropout [--rate 0]`): seconds per training step at the rate given (default 0) against
 the model's own rate, the default precision, alternating, medians over `repeats` runs.
@@ -267,6 +272,76 @@ def step_parts(data: str, repeats: int) -> dict:
             "speedup": median["PyTorch dropout, unfused AdamW"] / median["train stage"]}
 
 
+ATTENTION_KERNELS = ("sdpa", "eager")   # Hugging Face's attn_implementation: the train stage's, the unfused one
+
+
+def attention_kernel_child(data: str, negatives: str, kernel: str, steps: int) -> dict:
+    """Runs in a fresh process: `steps` train-stage steps (after a warm-up) with both encoders'
+    attention computed by `kernel`; the median step and the process's peak RSS."""
+    from measure import peak_rss_bytes
+
+    from dprpipe.loss import step_gradients
+    from dprpipe.model import DualEncoder, EncoderConfig, use_fast_dropout
+    from dprpipe.prepare import read_dataset
+    from dprpipe.train import TrainConfig, TrainData, adamw, epoch_batches, seed_everything
+
+    enc_cfg = section_config(EncoderConfig, "model")
+    cfg = replace(section_config(TrainConfig, "train"), grad_accumulation=1)
+    ds = read_dataset(data)
+    train = [q for q in ds.splits["train"] if q.positives][:cfg.batch_size * (steps + 1)]
+    data_ = TrainData(corpus=ds.corpus, train=train, dev=[], negatives=json.loads(Path(negatives).read_text()))
+    seed_everything(cfg.seed)
+    model, _ = DualEncoder.load(enc_cfg.model, enc_cfg, attention_dropout=cfg.attention_dropout)
+    for encoder in {id(m): m for m in (model.query_model, model.passage_model)}.values():
+        encoder.set_attn_implementation(kernel)
+    use_fast_dropout(model)
+    model.train()
+    opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pid_index = {p.id: i for i, p in enumerate(data_.corpus)}
+    seconds = []
+    for batch in epoch_batches(data_, cfg, 0, pid_index)[:steps + 1]:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        step_gradients(model, None, [batch], data_.corpus, pid_index, cfg)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        seconds.append(time.perf_counter() - t0)
+    timed_s = seconds[1:]
+    return {"kernel": kernel, "step_s": timed_s, "median_step_s": sorted(timed_s)[len(timed_s) // 2],
+            "peak_rss_mb": peak_rss_bytes() / 2**20}
+
+
+def attention_kernel(data: str, repeats: int, steps: int = 2) -> dict:
+    """Train-stage steps with PyTorch's fused attention (sdpa, the stage's) against the unfused
+    one (eager: the attention matrix built and soft-maxed op by op, and kept for the backward), each
+    run in its own process, alternating `repeats` times."""
+    from measure import cpu_model, load_average
+
+    from dprpipe.model import EncoderConfig, uses_bf16
+    from dprpipe.prepare import read_dataset
+    from dprpipe.train import TrainConfig
+
+    enc_cfg = section_config(EncoderConfig, "model")
+    cfg = section_config(TrainConfig, "train")
+    runs: dict[str, list[dict]] = {k: [] for k in ATTENTION_KERNELS}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "negatives.json"
+        path.write_text(json.dumps(_mined(read_dataset(data))[1]))
+        for _ in range(repeats):
+            for kernel in ATTENTION_KERNELS:
+                load = load_average()[0]
+                r = child("train_bench", "attention_kernel_child", data=data, negatives=str(path), kernel=kernel,
+                          steps=steps)
+                runs[kernel].append({**r, "load": [load, load_average()[0]]})
+    median = {k: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for k, rs in runs.items()}
+    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention_dropout": cfg.attention_dropout,
+            "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
+            "passage_max_length": cfg.passage_max_length, "steps": steps, "runs": runs, "median_step_s": median,
+            "peak_rss_mb": {k: max(r["peak_rss_mb"] for r in rs) for k, rs in runs.items()},
+            "speedup": median["sdpa"] / median["eager"]}
+
+
 @contextlib.contextmanager
 def previous_head():
     """dprpipe with pooling, normalisation, similarity and loss as autocast leaves them (the similarity
@@ -388,6 +463,8 @@ if __name__ == "__main__":
     what.add_argument("--head-precision", action="store_true", help="the float32 head's speed cost")
     what.add_argument("--attention-dropout", action="store_true",
                       help="step time at attention dropout --rate against the model's own rate")
+    what.add_argument("--attention-kernel", action="store_true",
+                      help="steps with the fused attention (sdpa) against the unfused one (eager), with peak RSS")
     what.add_argument("--step-parts", action="store_true",
                       help="the stage's step against PyTorch's dropout modules and unfused AdamW")
     p.add_argument("--rate", type=float, default=0.0, help="--attention-dropout's rate (default: 0)")
@@ -408,6 +485,21 @@ if __name__ == "__main__":
              ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][name])]
             for name, rate in res["settings"].items()]))
         print(f"speed-up of the configured rate: {res['speedup']:.2f}x")
+        raise SystemExit(0)
+    if args.attention_kernel:
+        res = attention_kernel(args.data, args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "
+              f"{res['batch_size']} questions + {res['hard_negatives']} hard negative(s), passages at "
+              f"{res['passage_max_length']} tokens, attention dropout {res['attention_dropout']}; medians of "
+              f"{args.repeats} runs of {res['steps']} steps, each run in its own process")
+        print(table(["attention", "s/step", "questions/s", "peak RSS MB", "s/step per run", "load (1 min) per run"], [
+            [kernel, res["median_step_s"][kernel], res["batch_size"] / res["median_step_s"][kernel],
+             res["peak_rss_mb"][kernel], ", ".join(f"{r['median_step_s']:.2f}" for r in res["runs"][kernel]),
+             ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][kernel])]
+            for kernel in ATTENTION_KERNELS]))
+        print(f"speed-up of eager over sdpa: {res['speedup']:.2f}x")
         raise SystemExit(0)
     if args.step_parts:
         res = step_parts(args.data, args.repeats)
