@@ -95,8 +95,10 @@ def _steps(precision: str, data, cfg, enc_cfg, n_steps: int, fast_dropout: bool 
             "questions_per_s": cfg.batch_size / median, "losses": losses}
 
 
-def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, steps: int) -> dict:
-    """Runs in a fresh process: `steps` training steps of `batch_size` questions, caching in `chunk`s."""
+def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, steps: int,
+                     attention: str = "sdpa") -> dict:
+    """Runs in a fresh process: `steps` training steps of `batch_size` questions, caching in `chunk`s,
+    both encoders' attention computed by Hugging Face's `attention` implementation."""
     from measure import load_average, peak_rss_bytes, rss_bytes
 
     from dprpipe.model import DualEncoder, EncoderConfig, use_fast_dropout, uses_bf16
@@ -112,6 +114,8 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
                       negatives=json.loads(Path(negatives).read_text()))
     seed_everything(cfg.seed)
     model, _ = DualEncoder.load(enc_cfg.model, enc_cfg, attention_dropout=cfg.attention_dropout)
+    for encoder in {id(m): m for m in (model.query_model, model.passage_model)}.values():
+        encoder.set_attn_implementation(attention)
     use_fast_dropout(model)
     model.train()
     opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -134,7 +138,7 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
     timed_s = seconds[1:]
     median = sorted(timed_s)[len(timed_s) // 2]
     peak = peak_rss_bytes()
-    return {"batch_size": batch_size, "grad_cache_chunk": chunk, "steps_timed": steps,
+    return {"batch_size": batch_size, "grad_cache_chunk": chunk, "attention": attention, "steps_timed": steps,
             "texts_per_step": batch_size * (2 + cfg.hard_negatives), "step_s": timed_s, "warmup_s": seconds[0],
             "median_step_s": median, "questions_per_s": batch_size / median, "losses": losses[1:],
             "baseline_rss_mb": baseline / 2**20, "peak_rss_mb": peak / 2**20,
@@ -171,6 +175,47 @@ def _mined(ds) -> tuple[list, dict[str, list[str]]]:
     train = [q for q in ds.splits["train"] if q.positives]
     miner = Miner(ds.corpus, section_config(MineConfig, "mine"))
     return train, {qid: [d for d, _ in hits] for qid, hits in miner.negatives(train).items()}
+
+
+def _first_batches(data: str, n_batches: int):
+    """params.yaml's model and train settings, and training data of the first `n_batches` batches
+    of judged training questions with their BM25 negatives."""
+    from dprpipe.model import EncoderConfig
+    from dprpipe.prepare import read_dataset
+    from dprpipe.train import TrainConfig, TrainData
+
+    enc_cfg = section_config(EncoderConfig, "model")
+    cfg = section_config(TrainConfig, "train")
+    ds = read_dataset(data)
+    all_train, negatives = _mined(ds)
+    return enc_cfg, cfg, TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * n_batches], dev=[],
+                                   negatives=negatives)
+
+
+def _step_setup(enc_cfg, cfg) -> dict:
+    """What a step timing depends on besides the code: the CPU, threads, precision and step shape."""
+    from measure import cpu_model
+
+    from dprpipe.model import uses_bf16
+
+    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention_dropout": cfg.attention_dropout,
+            "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
+            "passage_max_length": cfg.passage_max_length}
+
+
+def _alternating(kinds: dict, repeats: int) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Each of `kinds` (name -> a function timing one run) in turn, `repeats` times, so a change in
+    the host's load hits all alike; every run's figures with the 1-min load before and after it, and
+    each kind's median step (over its runs' `median_step_s`)."""
+    from measure import load_average
+
+    runs: dict[str, list[dict]] = {name: [] for name in kinds}
+    for _ in range(repeats):
+        for name, timing in kinds.items():
+            load = load_average()[0]
+            runs[name].append({**timing(), "load": [load, load_average()[0]]})
+    return runs, {name: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
 
 
 def grad_cache_section(data: str, quick: bool, repeats: int) -> dict:
@@ -212,29 +257,13 @@ def run(data: str, quick: bool, repeats: int) -> dict:
 def attention_dropout(data: str, repeats: int, rate: float = 0.0) -> dict:
     """Training steps (the default precision) at attention-dropout `rate` ("configured") against the
     model's own rate (None), the two alternating `repeats` times; each run one warm-up and 2 timed steps."""
-    from measure import cpu_model, load_average
-
-    from dprpipe.model import EncoderConfig, uses_bf16
-    from dprpipe.prepare import read_dataset
-    from dprpipe.train import TrainConfig, TrainData
-
-    enc_cfg = section_config(EncoderConfig, "model")
-    cfg = section_config(TrainConfig, "train")
-    ds = read_dataset(data)
-    all_train, negatives = _mined(ds)
-    data_ = TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * 3], dev=[], negatives=negatives)
+    enc_cfg, cfg, data_ = _first_batches(data, 3)
     settings = {"configured": rate, "model's own": None}
-    runs: dict[str, list[dict]] = {name: [] for name in settings}
-    for _ in range(repeats):
-        for name, setting in settings.items():
-            load = load_average()[0]
-            r = _steps(enc_cfg.precision, data_, replace(cfg, attention_dropout=setting), enc_cfg, 2)
-            runs[name].append({**r, "load": [load, load_average()[0]]})
-    median = {name: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
-    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "settings": settings,
-            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")),
-            "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
-            "passage_max_length": cfg.passage_max_length, "runs": runs, "median_step_s": median,
+    runs, median = _alternating({
+        name: lambda setting=setting: _steps(enc_cfg.precision, data_, replace(cfg, attention_dropout=setting),
+                                             enc_cfg, 2)
+        for name, setting in settings.items()}, repeats)
+    return {**_step_setup(enc_cfg, cfg), "settings": settings, "runs": runs, "median_step_s": median,
             "speedup": median["model's own"] / median["configured"]}
 
 
@@ -247,97 +276,36 @@ def step_parts(data: str, repeats: int) -> dict:
     """Training steps (default precision) as the train stage runs them, with PyTorch's dropout
     modules, and with those and the unfused AdamW (the step before `FastDropout` and the fused
     optimiser); the three alternate `repeats` times, each run one warm-up and 2 timed steps."""
-    from measure import cpu_model, load_average
-
-    from dprpipe.model import EncoderConfig, uses_bf16
-    from dprpipe.prepare import read_dataset
-    from dprpipe.train import TrainConfig, TrainData
-
-    enc_cfg = section_config(EncoderConfig, "model")
-    cfg = section_config(TrainConfig, "train")
-    ds = read_dataset(data)
-    all_train, negatives = _mined(ds)
-    data_ = TrainData(corpus=ds.corpus, train=all_train[:cfg.batch_size * 3], dev=[], negatives=negatives)
-    runs: dict[str, list[dict]] = {name: [] for name in STEP_KINDS}
-    for _ in range(repeats):
-        for name, (fast, fused) in STEP_KINDS.items():
-            load = load_average()[0]
-            r = _steps(enc_cfg.precision, data_, cfg, enc_cfg, 2, fast_dropout=fast, fused_adamw=fused)
-            runs[name].append({**r, "load": [load, load_average()[0]]})
-    median = {name: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
-    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention_dropout": cfg.attention_dropout,
-            "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
-            "passage_max_length": cfg.passage_max_length, "runs": runs, "median_step_s": median,
+    enc_cfg, cfg, data_ = _first_batches(data, 3)
+    runs, median = _alternating({
+        name: lambda fast=fast, fused=fused: _steps(enc_cfg.precision, data_, cfg, enc_cfg, 2, fast_dropout=fast,
+                                                    fused_adamw=fused)
+        for name, (fast, fused) in STEP_KINDS.items()}, repeats)
+    return {**_step_setup(enc_cfg, cfg), "runs": runs, "median_step_s": median,
             "speedup": median["PyTorch dropout, unfused AdamW"] / median["train stage"]}
 
 
 ATTENTION_KERNELS = ("sdpa", "eager")   # Hugging Face's attn_implementation: the train stage's, the unfused one
 
 
-def attention_kernel_child(data: str, negatives: str, kernel: str, steps: int) -> dict:
-    """Runs in a fresh process: `steps` train-stage steps (after a warm-up) with both encoders'
-    attention computed by `kernel`; the median step and the process's peak RSS."""
-    from measure import peak_rss_bytes
-
-    from dprpipe.loss import step_gradients
-    from dprpipe.model import DualEncoder, EncoderConfig, use_fast_dropout
-    from dprpipe.prepare import read_dataset
-    from dprpipe.train import TrainConfig, TrainData, adamw, epoch_batches, seed_everything
-
-    enc_cfg = section_config(EncoderConfig, "model")
-    cfg = replace(section_config(TrainConfig, "train"), grad_accumulation=1)
-    ds = read_dataset(data)
-    train = [q for q in ds.splits["train"] if q.positives][:cfg.batch_size * (steps + 1)]
-    data_ = TrainData(corpus=ds.corpus, train=train, dev=[], negatives=json.loads(Path(negatives).read_text()))
-    seed_everything(cfg.seed)
-    model, _ = DualEncoder.load(enc_cfg.model, enc_cfg, attention_dropout=cfg.attention_dropout)
-    for encoder in {id(m): m for m in (model.query_model, model.passage_model)}.values():
-        encoder.set_attn_implementation(kernel)
-    use_fast_dropout(model)
-    model.train()
-    opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pid_index = {p.id: i for i, p in enumerate(data_.corpus)}
-    seconds = []
-    for batch in epoch_batches(data_, cfg, 0, pid_index)[:steps + 1]:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        step_gradients(model, None, [batch], data_.corpus, pid_index, cfg)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        seconds.append(time.perf_counter() - t0)
-    timed_s = seconds[1:]
-    return {"kernel": kernel, "step_s": timed_s, "median_step_s": sorted(timed_s)[len(timed_s) // 2],
-            "peak_rss_mb": peak_rss_bytes() / 2**20}
-
-
 def attention_kernel(data: str, repeats: int, steps: int = 2) -> dict:
     """Train-stage steps with PyTorch's fused attention (sdpa, the stage's) against the unfused
     one (eager: the attention matrix built and soft-maxed op by op, and kept for the backward), each
-    run in its own process, alternating `repeats` times."""
-    from measure import cpu_model, load_average
-
-    from dprpipe.model import EncoderConfig, uses_bf16
+    run in its own process (`grad_cache_child`, no caching), alternating `repeats` times."""
+    from dprpipe.model import EncoderConfig
     from dprpipe.prepare import read_dataset
     from dprpipe.train import TrainConfig
 
     enc_cfg = section_config(EncoderConfig, "model")
     cfg = section_config(TrainConfig, "train")
-    runs: dict[str, list[dict]] = {k: [] for k in ATTENTION_KERNELS}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "negatives.json"
         path.write_text(json.dumps(_mined(read_dataset(data))[1]))
-        for _ in range(repeats):
-            for kernel in ATTENTION_KERNELS:
-                load = load_average()[0]
-                r = child("train_bench", "attention_kernel_child", data=data, negatives=str(path), kernel=kernel,
-                          steps=steps)
-                runs[kernel].append({**r, "load": [load, load_average()[0]]})
-    median = {k: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for k, rs in runs.items()}
-    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention_dropout": cfg.attention_dropout,
-            "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
-            "passage_max_length": cfg.passage_max_length, "steps": steps, "runs": runs, "median_step_s": median,
+        runs, median = _alternating({
+            kernel: lambda kernel=kernel: child("train_bench", "grad_cache_child", data=data, negatives=str(path),
+                                                batch_size=cfg.batch_size, chunk=0, steps=steps, attention=kernel)
+            for kernel in ATTENTION_KERNELS}, repeats)
+    return {**_step_setup(enc_cfg, cfg), "steps": steps, "runs": runs, "median_step_s": median,
             "peak_rss_mb": {k: max(r["peak_rss_mb"] for r in rs) for k, rs in runs.items()},
             "speedup": median["sdpa"] / median["eager"]}
 
@@ -474,51 +442,44 @@ if __name__ == "__main__":
     args = p.parse_args()
     if args.attention_dropout:
         res = attention_dropout(args.data, args.repeats, args.rate)
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    elif args.attention_kernel:
+        res = attention_kernel(args.data, args.repeats)
+    elif args.step_parts:
+        res = step_parts(args.data, args.repeats)
+    else:
+        res = head_precision(args.data, args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+    def print_steps(column: str, labels: dict[str, str], shape: str, runs: str) -> None:
+        """The header and the table of an `_alternating` section: a row per kind, labelled by `labels`."""
+        rss = "peak_rss_mb" in res
         print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "
               f"{res['batch_size']} questions + {res['hard_negatives']} hard negative(s), passages at "
-              f"{res['passage_max_length']} tokens; medians of {args.repeats} runs of 2 steps")
-        print(table(["attention dropout", "s/step", "questions/s", "s/step per run", "load (1 min) per run"], [
-            [f"{name} ({rate})", res["median_step_s"][name], res["batch_size"] / res["median_step_s"][name],
+              f"{res['passage_max_length']} tokens{shape}; medians of {args.repeats} runs of {runs}")
+        print(table([column, "s/step", "questions/s", *(["peak RSS MB"] if rss else []), "s/step per run",
+                     "load (1 min) per run"], [
+            [label, res["median_step_s"][name], res["batch_size"] / res["median_step_s"][name],
+             *([res["peak_rss_mb"][name]] if rss else []),
              ", ".join(f"{r['median_step_s']:.2f}" for r in res["runs"][name]),
              ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][name])]
-            for name, rate in res["settings"].items()]))
+            for name, label in labels.items()]))
+
+    dropout = f", attention dropout {res.get('attention_dropout')}"
+    if args.attention_dropout:
+        print_steps("attention dropout", {name: f"{name} ({rate})" for name, rate in res["settings"].items()},
+                    "", "2 steps")
         print(f"speed-up of the configured rate: {res['speedup']:.2f}x")
         raise SystemExit(0)
     if args.attention_kernel:
-        res = attention_kernel(args.data, args.repeats)
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "
-              f"{res['batch_size']} questions + {res['hard_negatives']} hard negative(s), passages at "
-              f"{res['passage_max_length']} tokens, attention dropout {res['attention_dropout']}; medians of "
-              f"{args.repeats} runs of {res['steps']} steps, each run in its own process")
-        print(table(["attention", "s/step", "questions/s", "peak RSS MB", "s/step per run", "load (1 min) per run"], [
-            [kernel, res["median_step_s"][kernel], res["batch_size"] / res["median_step_s"][kernel],
-             res["peak_rss_mb"][kernel], ", ".join(f"{r['median_step_s']:.2f}" for r in res["runs"][kernel]),
-             ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][kernel])]
-            for kernel in ATTENTION_KERNELS]))
+        print_steps("attention", {k: k for k in ATTENTION_KERNELS}, dropout,
+                    f"{res['steps']} steps, each run in its own process")
         print(f"speed-up of eager over sdpa: {res['speedup']:.2f}x")
         raise SystemExit(0)
     if args.step_parts:
-        res = step_parts(args.data, args.repeats)
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "
-              f"{res['batch_size']} questions + {res['hard_negatives']} hard negative(s), passages at "
-              f"{res['passage_max_length']} tokens, attention dropout {res['attention_dropout']}; medians of "
-              f"{args.repeats} runs of 2 steps")
-        print(table(["step", "s/step", "questions/s", "s/step per run", "load (1 min) per run"], [
-            [name, res["median_step_s"][name], res["batch_size"] / res["median_step_s"][name],
-             ", ".join(f"{r['median_step_s']:.2f}" for r in res["runs"][name]),
-             ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in res["runs"][name])]
-            for name in STEP_KINDS]))
+        print_steps("step", {name: name for name in STEP_KINDS}, dropout, "2 steps")
         print(f"speed-up of the train stage's step: {res['speedup']:.2f}x")
         raise SystemExit(0)
-    res = head_precision(args.data, args.repeats)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     loads = lambda runs: ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in runs)  # noqa: E731
     print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; "
           f"medians of {args.repeats} runs")

@@ -175,10 +175,10 @@ def dropout_mask(shape: Sequence[int], p: float, generator: torch.Generator | No
     """A CPU keep-mask (bool, `shape`) and the scale 1 / P(keep) of dropout at rate `p`.
 
     PyTorch's CPU dropout draws one random number per element (`bernoulli_`), 11% of a training
-    step on a 2-core AMD EPYC (docs/performance.md); this draws 64-bit words from `generator` (torch's default: seeded,
-    saved and restored with it) and reads four 16-bit lanes from each, 3 times cheaper. An element
-    is dropped with probability round(p * 2^16) / 2^16 (p = 0.1: 0.1000061), and the scale
-    uses that probability, so the expectation is exact.
+    step on a 2-core AMD EPYC (docs/performance.md). This draws 64-bit words from `generator`
+    (torch's default: seeded, saved and restored with it) and reads four 16-bit lanes from each,
+    3 times cheaper. An element is dropped with probability round(p * 2^16) / 2^16 (p = 0.1:
+    0.1000061), and the scale uses that probability, so the expectation is exact.
     """
     n = math.prod(shape)
     drop = round(p * _LANE_VALUES)
