@@ -25,8 +25,8 @@ dropout modules, and with those and its unfused AdamW; alternating, medians over
 
 The attention kernel (`attention_kernel`, run on its own: `python bench/train_bench.py
 --attention-kernel`): seconds per train-stage step and peak RSS with Hugging Face's `sdpa`
-attention (PyTorch's fused kernel; what the stage runs) against `eager` (unfused), each run in a
-fresh process, alternating, medians over `repeats` runs.
+attention (PyTorch's fused kernel) against `eager` (unfused; what `model.attention: auto` picks on
+a CPU), each run in a fresh process, alternating, medians over `repeats` runs.
 
 Attention dropout (`attention_dropout`, run on its own: `python bench/train_bench.py
 --attention-dropout [--rate 0]`): seconds per training step at the rate given (default 0) against
@@ -96,17 +96,21 @@ def _steps(precision: str, data, cfg, enc_cfg, n_steps: int, fast_dropout: bool 
 
 
 def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, steps: int,
-                     attention: str = "sdpa") -> dict:
+                     attention: str | None = None) -> dict:
     """Runs in a fresh process: `steps` training steps of `batch_size` questions, caching in `chunk`s,
-    both encoders' attention computed by Hugging Face's `attention` implementation."""
+    both encoders' attention computed by Hugging Face's `attention` implementation (None: the
+    `model` params')."""
     from measure import load_average, peak_rss_bytes, rss_bytes
 
-    from dprpipe.model import DualEncoder, EncoderConfig, use_fast_dropout, uses_bf16
-    from dprpipe.prepare import read_dataset
     from dprpipe.loss import step_gradients
+    from dprpipe.model import DualEncoder, EncoderConfig, use_fast_dropout, uses_bf16
+    from dprpipe.model import attention_kernel as attention_kernel_of
+    from dprpipe.prepare import read_dataset
     from dprpipe.train import TrainConfig, TrainData, adamw, epoch_batches, seed_everything
 
     enc_cfg = section_config(EncoderConfig, "model")
+    if attention:
+        enc_cfg = replace(enc_cfg, attention=attention)
     cfg = replace(section_config(TrainConfig, "train"), batch_size=batch_size, grad_cache_chunk=chunk,
                   grad_accumulation=1)
     ds = read_dataset(data)
@@ -114,8 +118,6 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
                       negatives=json.loads(Path(negatives).read_text()))
     seed_everything(cfg.seed)
     model, _ = DualEncoder.load(enc_cfg.model, enc_cfg, attention_dropout=cfg.attention_dropout)
-    for encoder in {id(m): m for m in (model.query_model, model.passage_model)}.values():
-        encoder.set_attn_implementation(attention)
     use_fast_dropout(model)
     model.train()
     opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -138,7 +140,8 @@ def grad_cache_child(data: str, negatives: str, batch_size: int, chunk: int, ste
     timed_s = seconds[1:]
     median = sorted(timed_s)[len(timed_s) // 2]
     peak = peak_rss_bytes()
-    return {"batch_size": batch_size, "grad_cache_chunk": chunk, "attention": attention, "steps_timed": steps,
+    return {"batch_size": batch_size, "grad_cache_chunk": chunk, "attention": attention_kernel_of(enc_cfg),
+            "steps_timed": steps,
             "texts_per_step": batch_size * (2 + cfg.hard_negatives), "step_s": timed_s, "warmup_s": seconds[0],
             "median_step_s": median, "questions_per_s": batch_size / median, "losses": losses[1:],
             "baseline_rss_mb": baseline / 2**20, "peak_rss_mb": peak / 2**20,
@@ -193,13 +196,14 @@ def _first_batches(data: str, n_batches: int):
 
 
 def _step_setup(enc_cfg, cfg) -> dict:
-    """What a step timing depends on besides the code: the CPU, threads, precision and step shape."""
+    """What a step timing depends on besides the code: the CPU, threads, precision, attention kernel and step shape."""
     from measure import cpu_model
 
-    from dprpipe.model import uses_bf16
+    from dprpipe.model import attention_kernel, uses_bf16
 
     return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention_dropout": cfg.attention_dropout,
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention": attention_kernel(enc_cfg),
+            "attention_dropout": cfg.attention_dropout,
             "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
             "passage_max_length": cfg.passage_max_length}
 
@@ -285,12 +289,12 @@ def step_parts(data: str, repeats: int) -> dict:
             "speedup": median["PyTorch dropout, unfused AdamW"] / median["train stage"]}
 
 
-ATTENTION_KERNELS = ("sdpa", "eager")   # Hugging Face's attn_implementation: the train stage's, the unfused one
+ATTENTION_KERNELS = ("sdpa", "eager")   # Hugging Face's attn_implementation: fused, unfused (auto's on a CPU)
 
 
 def attention_kernel(data: str, repeats: int, steps: int = 2) -> dict:
-    """Train-stage steps with PyTorch's fused attention (sdpa, the stage's) against the unfused
-    one (eager: the attention matrix built and soft-maxed op by op, and kept for the backward), each
+    """Train-stage steps with PyTorch's fused attention (sdpa) against the unfused one (eager, what
+    `auto` picks on a CPU: the attention matrix built and soft-maxed op by op, and kept for the backward), each
     run in its own process (`grad_cache_child`, no caching), alternating `repeats` times."""
     from dprpipe.model import EncoderConfig
     from dprpipe.prepare import read_dataset

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from dprpipe.model import DualEncoder, EncoderConfig
+from dprpipe.model import DualEncoder, EncoderConfig, attention_kernel
 from dprpipe.records import Passage, Query
 
 
@@ -50,6 +50,8 @@ def tiny_encoder(seed: int = 0, **cfg) -> DualEncoder:
                            "passage_max_length": 64, "normalize": False, **cfg})
     q = tiny_bert(seed)
     p = q if cfg.shared else tiny_bert(seed + 1)
+    for m in (q, p):
+        m.set_attn_implementation(attention_kernel(cfg))   # as DualEncoder.load sets it
     return DualEncoder(q, p, tokenizer(), cfg)
 
 

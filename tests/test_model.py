@@ -13,8 +13,8 @@ from dense_fixtures import tiny_encoder
 from transformers import AutoModel
 
 from dprpipe.encode import encode_texts
-from dprpipe.model import (CONFIG_NAME, DualEncoder, EncoderConfig, autocast, compute_loss, compute_similarity,
-                           pool)
+from dprpipe.model import (CONFIG_NAME, DualEncoder, EncoderConfig, attention_kernel, autocast, compute_loss,
+                           compute_similarity, pool)
 
 
 def reference_nll(scores, targets, mask=None, temperature=1.0):
@@ -169,7 +169,7 @@ def test_unknown_pooling_raises_naming_it():
 
 
 @pytest.mark.parametrize("bad", [{"pooling": "CLS"}, {"precision": "fp16"}, {"query_max_length": 0},
-                                 {"passage_max_length": -1}])
+                                 {"passage_max_length": -1}, {"attention": "flash"}])
 def test_encoder_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         EncoderConfig(**bad)
@@ -259,6 +259,42 @@ def _base_folder(tmp_path, attention_dropout=0.5):
     bert.save_pretrained(tmp_path)
     tokenizer().save_pretrained(tmp_path)
     return str(tmp_path)
+
+
+def test_attention_auto_is_eager_without_a_gpu_and_sdpa_with_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attention_kernel(EncoderConfig()) == "eager"
+    assert attention_kernel(EncoderConfig(attention="sdpa")) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attention_kernel(EncoderConfig()) == "sdpa"
+    assert attention_kernel(EncoderConfig(attention="eager")) == "eager"
+
+
+def _kernels(model):
+    return {m.config._attn_implementation for m in (model.query_model, model.passage_model)}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_load_uses_the_attention_setting_and_both_kernels_agree(tmp_path, shared):
+    base = _base_folder(tmp_path / "base", attention_dropout=0.0)
+    texts = ["the apple is here", "a story of the river and more river facts", "river"]
+    grads, vectors = {}, {}
+    for kernel in ("eager", "sdpa"):
+        model, _ = DualEncoder.load(base, EncoderConfig(precision="fp32", shared=shared, attention=kernel))
+        assert _kernels(model) == {kernel}
+        model.train()
+        v = model.encode_passage(model.tokenize_passages(texts))   # padded: the mask matters
+        (v @ torch.arange(v.shape[1], dtype=v.dtype)).sum().backward()
+        vectors[kernel] = v.detach().numpy()
+        grads[kernel] = torch.cat([p.grad.flatten() for p in model.passage_model.parameters() if p.grad is not None])
+    # the same function: outputs and gradients equal up to float rounding
+    assert np.allclose(vectors["eager"], vectors["sdpa"], atol=1e-5)
+    assert torch.allclose(grads["eager"], grads["sdpa"], atol=1e-4, rtol=1e-4)
+
+    # a checkpoint's saved setting wins over the machine's default
+    model.save(tmp_path / "ckpt")
+    again, _ = DualEncoder.load(str(tmp_path / "ckpt"))
+    assert again.cfg.attention == "sdpa" and _kernels(again) == {"sdpa"}
 
 
 def _train_mode_vectors(model, seed):
