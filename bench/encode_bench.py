@@ -12,6 +12,11 @@ Outputs (a dict, see `run`):
   measured in the same run;
 - agreement of the embeddings: minimum cosine to the naive loop's, and nDCG@10 of the test
   queries over the sample with either set of embeddings.
+
+The attention kernel (`attention_kernel`, run on its own: `python bench/encode_bench.py
+--attention-kernel`): passages/s with PyTorch's fused attention (sdpa) against the unfused one
+(eager, what `model.attention: auto` picks on a CPU), on the corpus's longest passages,
+alternating, medians over `repeats` runs.
 """
 
 from __future__ import annotations
@@ -164,3 +169,66 @@ def run(data: str, quick: bool, repeats: int) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
 
+
+def attention_kernel(data: str, repeats: int, n: int = 384) -> dict:
+    """Passages/s of `encode_texts` with PyTorch's fused attention (sdpa) against the unfused one
+    (eager, what `model.attention: auto` picks on a CPU), on the `n` longest passages of the
+    dataset (most at `passage_max_length`), alternating `repeats` times, with the lowest cosine
+    between the two kernels' embeddings. Both models live in one process: encoding keeps no graph,
+    so neither's memory weighs on the other."""
+    from dataclasses import replace
+
+    from measure import alternating, cpu_model
+
+    from dprpipe.encode import encode_texts
+    from dprpipe.model import DualEncoder, EncoderConfig, passage_texts, uses_bf16
+    from dprpipe.prepare import read_dataset
+
+    enc_cfg = replace(section_config(EncoderConfig, "model"), shared=True)   # the query encoder is not used
+    batch_size = int((params_section("encode").get("batch_size")) or 32)
+    texts = sorted(passage_texts(read_dataset(data).corpus, enc_cfg.use_title), key=len, reverse=True)[:n]
+    models = {kernel: DualEncoder.load(enc_cfg.model, replace(enc_cfg, attention=kernel))[0]
+              for kernel in ("sdpa", "eager")}
+    vectors = {}
+
+    def encode(kernel: str) -> dict:
+        t, v = timed(lambda: encode_texts(models[kernel], texts, "passage", batch_size), 1)
+        vectors[kernel] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return {"passages_per_s": len(texts) / t.median}
+
+    for model in models.values():   # first-call allocations and kernel selection
+        encode_texts(model, texts[:batch_size], "passage", batch_size)
+    runs, median = alternating({k: lambda k=k: encode(k) for k in models}, repeats, "passages_per_s")
+    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "passages": len(texts),
+            "batch_size": batch_size, "max_length": enc_cfg.passage_max_length, "runs": runs,
+            "median_passages_per_s": median, "speedup": median["eager"] / median["sdpa"],
+            "min_cosine": float(np.min(np.sum(vectors["eager"] * vectors["sdpa"], axis=1)))}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    from pathlib import Path
+
+    from measure import DEFAULT_DATA, table
+
+    p = argparse.ArgumentParser(description="one encoding measurement on its own (bench/run.py runs `run`)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--attention-kernel", action="store_true",
+                      help="passages/s with the fused attention (sdpa) against the unfused one (eager)")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    res = attention_kernel(args.data, args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; the "
+          f"{res['passages']} longest passages, batch {res['batch_size']}, at most {res['max_length']} tokens; "
+          f"medians of {args.repeats} runs")
+    print(table(["attention", "passages/s", "passages/s per run", "load (1 min) per run"], [
+        [k, res["median_passages_per_s"][k], ", ".join(f"{r['passages_per_s']:.1f}" for r in rs),
+         ", ".join(f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" for r in rs)] for k, rs in res["runs"].items()]))
+    print(f"eager / sdpa: {res['speedup']:.2f}x; lowest cosine between the two kernels' embeddings "
+          f"{res['min_cosine']:.6f}")

@@ -59,6 +59,19 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> tuple[Timing,
     return t, result
 
 
+def alternating(kinds: dict[str, Callable[[], dict]], repeats: int,
+                key: str) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Each of `kinds` (name -> a function measuring one run, returning a dict) in turn, `repeats`
+    times, so a change in the host's load hits all alike; every run's figures with the 1-min load
+    before and after it, and each kind's median of `key` over its runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in kinds}
+    for _ in range(repeats):
+        for name, measure in kinds.items():
+            load = load_average()[0]
+            runs[name].append({**measure(), "load": [load, load_average()[0]]})
+    return runs, {name: statistics.median(r[key] for r in rs) for name, rs in runs.items()}
+
+
 def traced_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Peak bytes allocated (Python objects and numpy buffers) while `fn` runs, and its result.
 

@@ -53,7 +53,7 @@ from unittest import mock
 from pathlib import Path
 
 import torch
-from measure import child, section_config
+from measure import alternating, child, section_config
 
 # (questions per batch, grad_cache_chunk): 0 = no caching, the reference
 GRAD_CACHE_CONFIGS = ((32, 0), (32, 32), (128, 32), (256, 32), (128, 0))
@@ -196,30 +196,17 @@ def _first_batches(data: str, n_batches: int):
 
 
 def _step_setup(enc_cfg, cfg) -> dict:
-    """What a step timing depends on besides the code: the CPU, threads, precision, attention kernel and step shape."""
+    """What a step timing depends on besides the code: CPU, threads, precision, attention kernel, step shape."""
     from measure import cpu_model
 
-    from dprpipe.model import attention_kernel, uses_bf16
+    from dprpipe.model import attention_kernel as attention_kernel_of
+    from dprpipe.model import uses_bf16
 
     return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention": attention_kernel(enc_cfg),
+            "uses_bf16": uses_bf16(enc_cfg, torch.device("cpu")), "attention": attention_kernel_of(enc_cfg),
             "attention_dropout": cfg.attention_dropout,
             "batch_size": cfg.batch_size, "hard_negatives": cfg.hard_negatives,
             "passage_max_length": cfg.passage_max_length}
-
-
-def _alternating(kinds: dict, repeats: int) -> tuple[dict[str, list[dict]], dict[str, float]]:
-    """Each of `kinds` (name -> a function timing one run) in turn, `repeats` times, so a change in
-    the host's load hits all alike; every run's figures with the 1-min load before and after it, and
-    each kind's median step (over its runs' `median_step_s`)."""
-    from measure import load_average
-
-    runs: dict[str, list[dict]] = {name: [] for name in kinds}
-    for _ in range(repeats):
-        for name, timing in kinds.items():
-            load = load_average()[0]
-            runs[name].append({**timing(), "load": [load, load_average()[0]]})
-    return runs, {name: sorted(r["median_step_s"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
 
 
 def grad_cache_section(data: str, quick: bool, repeats: int) -> dict:
@@ -263,10 +250,10 @@ def attention_dropout(data: str, repeats: int, rate: float = 0.0) -> dict:
     model's own rate (None), the two alternating `repeats` times; each run one warm-up and 2 timed steps."""
     enc_cfg, cfg, data_ = _first_batches(data, 3)
     settings = {"configured": rate, "model's own": None}
-    runs, median = _alternating({
+    runs, median = alternating({
         name: lambda setting=setting: _steps(enc_cfg.precision, data_, replace(cfg, attention_dropout=setting),
                                              enc_cfg, 2)
-        for name, setting in settings.items()}, repeats)
+        for name, setting in settings.items()}, repeats, "median_step_s")
     return {**_step_setup(enc_cfg, cfg), "settings": settings, "runs": runs, "median_step_s": median,
             "speedup": median["model's own"] / median["configured"]}
 
@@ -281,10 +268,10 @@ def step_parts(data: str, repeats: int) -> dict:
     modules, and with those and the unfused AdamW (the step before `FastDropout` and the fused
     optimiser); the three alternate `repeats` times, each run one warm-up and 2 timed steps."""
     enc_cfg, cfg, data_ = _first_batches(data, 3)
-    runs, median = _alternating({
+    runs, median = alternating({
         name: lambda fast=fast, fused=fused: _steps(enc_cfg.precision, data_, cfg, enc_cfg, 2, fast_dropout=fast,
                                                     fused_adamw=fused)
-        for name, (fast, fused) in STEP_KINDS.items()}, repeats)
+        for name, (fast, fused) in STEP_KINDS.items()}, repeats, "median_step_s")
     return {**_step_setup(enc_cfg, cfg), "runs": runs, "median_step_s": median,
             "speedup": median["PyTorch dropout, unfused AdamW"] / median["train stage"]}
 
@@ -305,11 +292,13 @@ def attention_kernel(data: str, repeats: int, steps: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "negatives.json"
         path.write_text(json.dumps(_mined(read_dataset(data))[1]))
-        runs, median = _alternating({
+        runs, median = alternating({
             kernel: lambda kernel=kernel: child("train_bench", "grad_cache_child", data=data, negatives=str(path),
                                                 batch_size=cfg.batch_size, chunk=0, steps=steps, attention=kernel)
-            for kernel in ATTENTION_KERNELS}, repeats)
-    return {**_step_setup(enc_cfg, cfg), "steps": steps, "runs": runs, "median_step_s": median,
+            for kernel in ATTENTION_KERNELS}, repeats, "median_step_s")
+    setup = _step_setup(enc_cfg, cfg)
+    del setup["attention"]   # both were measured
+    return {**setup, "steps": steps, "runs": runs, "median_step_s": median,
             "peak_rss_mb": {k: max(r["peak_rss_mb"] for r in rs) for k, rs in runs.items()},
             "speedup": median["sdpa"] / median["eager"]}
 
@@ -456,7 +445,7 @@ if __name__ == "__main__":
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
 
     def print_steps(column: str, labels: dict[str, str], shape: str, runs: str) -> None:
-        """The header and the table of an `_alternating` section: a row per kind, labelled by `labels`."""
+        """The header and the table of an `alternating` section: a row per kind, labelled by `labels`."""
         rss = "peak_rss_mb" in res
         print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; batch "
               f"{res['batch_size']} questions + {res['hard_negatives']} hard negative(s), passages at "

@@ -22,7 +22,7 @@ import torch
 
 from . import distributed as dist_
 from .io import DataError, atomic_dir, verify_checksums, write_checksums
-from .model import DualEncoder
+from .model import DualEncoder, attention_kernel
 
 if TYPE_CHECKING:
     from .train import TrainConfig, TrainData
@@ -36,7 +36,8 @@ def fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_siz
     when it is off. On, it counts: its chunks draw other dropout masks than whole batches. So
     does `attention_dropout` when it is set (None, the model's own rate, adds nothing). The
     way dropout masks are drawn counts too: a state resumed under other masks would not reach an
-    uninterrupted run's weights.
+    uninterrupted run's weights. So does the attention kernel `auto` resolved to here: kernels
+    round differently.
     """
     settings = {**asdict(cfg), "resume": None, "encoder": asdict(model.cfg)}
     del settings["nproc"]
@@ -46,6 +47,7 @@ def fingerprint(cfg: TrainConfig, model: DualEncoder, data: TrainData, world_siz
         del settings["attention_dropout"]
     if world_size > 1:
         settings["world_size"] = world_size
+    settings["encoder"]["attention"] = attention_kernel(model.cfg)
     settings["dropout_masks"] = "int16-lanes"   # `FastDropout`'s: a state saved under bernoulli_ masks starts over
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for q in data.train:

@@ -50,8 +50,10 @@ def tiny_encoder(seed: int = 0, **cfg) -> DualEncoder:
                            "passage_max_length": 64, "normalize": False, **cfg})
     q = tiny_bert(seed)
     p = q if cfg.shared else tiny_bert(seed + 1)
-    for m in (q, p):
-        m.set_attn_implementation(attention_kernel(cfg))   # as DualEncoder.load sets it
+    if kernel := attention_kernel(cfg):   # as DualEncoder.load sets it
+        for m in (q, p):
+            m.set_attn_implementation(kernel)
+            assert m.config._attn_implementation == kernel
     return DualEncoder(q, p, tokenizer(), cfg)
 
 

@@ -427,6 +427,17 @@ def test_resume_fingerprint_counts_the_world_size_not_the_nproc_setting():
     assert len(rates) == 3
 
 
+def test_resume_fingerprint_counts_the_attention_kernel_auto_resolves_to(monkeypatch):
+    data = TrainData(toy_corpus(), *toy_queries(), toy_negatives())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto_cpu = fingerprint(CFG, tiny_encoder(seed=0), data)
+    assert fingerprint(CFG, tiny_encoder(seed=0, attention="eager"), data) == auto_cpu
+    assert fingerprint(CFG, tiny_encoder(seed=0, attention="sdpa"), data) != auto_cpu
+    # the same setting on a machine with a GPU runs another kernel: its state is another run's
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fingerprint(CFG, tiny_encoder(seed=0), data) != auto_cpu
+
+
 # ---------------------------------------------------------------- gradient caching
 
 
