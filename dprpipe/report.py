@@ -247,7 +247,11 @@ def render_plots(records: Sequence[Record]) -> tuple[bytes, bytes]:
         ax.set_title("Validation score per epoch (mean over seeds; band: min to max)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", loc="lower right")
+        if ax.lines:
+            ax.legend(fontsize="small", loc="lower right")
+        else:   # every run trained on the dev split too (train.include_dev), so none was validated
+            ax.text(0.5, 0.5, "no validation: the runs trained on the dev split (train.include_dev: true)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize="small")
         validation_png = png(fig)
     return recall_png, validation_png
 

@@ -9,10 +9,12 @@ The experiments flow that collects the records: tests/test_experiments.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
@@ -103,6 +105,17 @@ def test_plots_are_reproducible_pngs():
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
         assert b"Software" not in png and b"Matplotlib" not in png    # no version stamp in the bytes
     assert render_plots(records[:2]) != first
+
+
+def test_runs_without_validation_get_a_labelled_empty_plot_and_no_warning():
+    """Runs trained on the dev split too (train.include_dev) have no validation scores: the
+    validation plot says so, and matplotlib is not asked for a legend of nothing (a warning)."""
+    validated = [rec("dpr_hn1", 13, 0.70)]
+    unvalidated = [dataclasses.replace(validated[0], history=[])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, empty = render_plots(unvalidated)
+    assert empty != render_plots(validated)[1]
 
 
 def _report_stage() -> dict:
