@@ -1,10 +1,13 @@
 """The experiment set of the paper's claims as DVC experiments, collected into a report.
 
-`python -m flows.experiments --seeds 13 14 15` (the `experiments` flow) does, in the workspace:
+`python -m flows.experiments --seeds 13 14 15` (the `experiments` flow) runs every variant at
+every seed; `--runs dpr_sep_dense-s14 dpr_hn1-s13 ...` runs exactly the named runs. It does, in the
+workspace:
 
-1. The run of the set that is params.yaml's own (`dpr_hn1` at params.yaml's seed): `dvc repro`
-   of the pipeline stages, which DVC skips when dvc.lock is up to date. That run is the
-   workspace's (committed at HEAD), not an experiment.
+1. The run of the set that is params.yaml's own (the variant whose keys params.yaml holds, at its
+   seed: `dpr_sep_dense-s13` with the defaults): `dvc repro` of the pipeline stages, which DVC
+   skips when dvc.lock is up to date. That run is the workspace's (committed at HEAD), not an
+   experiment.
 2. Every other (variant, seed) run, named `<variant>-s<seed>` (`dprpipe.claims.VARIANTS`): a
    finished experiment of that name on HEAD with the same params is reused (unless dvc.yaml or a
    file the stages depend on differs from HEAD); otherwise the run is
@@ -16,8 +19,8 @@
    reports/experiments.json, and `dvc repro report` writes reports/experiments.md and its plots.
 
 Inputs: the workspace (dvc.yaml, params.yaml, a git commit to base experiments on), the seeds and
-variants. Outputs: the experiments (`dvc exp show`), reports/experiments.json, the report files,
-and a Prefect markdown artifact `experiments-report`.
+variants, or the runs. Outputs: the experiments (`dvc exp show`), reports/experiments.json, the
+report files, and a Prefect markdown artifact `experiments-report`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -40,8 +44,8 @@ from prefect.cache_policies import NO_CACHE
 if __package__ in (None, ""):   # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dprpipe.claims import (SEED_KEY, VARIANTS, ExperimentSet, Record, record_from_outputs, run_name,  # noqa: E402
-                            to_json)
+from dprpipe.claims import (REFERENCE, SEED_KEY, VARIANTS, ExperimentSet, Record,  # noqa: E402
+                            record_from_outputs, run_name, to_json)
 from flows.stage_runner import (ENCODING, EVALUATION, MINING, TRAINING, StageError, _dvc_env, _flatten,  # noqa: E402
                                 dvc_repro, hydra_value, resolve_workspace, skipped, workspace_lock)
 
@@ -82,6 +86,25 @@ def plan(variants: Sequence[str] | None, seeds: Sequence[int]) -> list[Planned]:
         raise ValueError("give at least one seed")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     return [Planned(run_name(v, s), v, s, {**VARIANTS[v].overrides, SEED_KEY: s}) for v in names for s in seeds]
+
+
+def plan_runs(names: Sequence[str]) -> list[Planned]:
+    """The runs named `<variant>-s<seed>` (as `dvc exp show` lists them), in the order given: a set
+    whose variants have different seeds, e.g. the default at three seeds and the others at one.
+
+    >>> [(p.variant, p.seed) for p in plan_runs(["dpr_sep_dense-s14", "dpr_hn1-s13"])]
+    [('dpr_sep_dense', 14), ('dpr_hn1', 13)]
+    """
+    runs: dict[str, Planned] = {}
+    for name in names:
+        m = re.fullmatch(r"(.+)-s(-?[0-9]+)", name)
+        if m is None:
+            raise ValueError(f"run {name!r} is not named <variant>-s<seed> (e.g. {run_name(REFERENCE, 13)})")
+        p = plan([m[1]], [int(m[2])])[0]
+        runs.setdefault(p.name, p)     # "x-s013" is "x-s13": one run, not two
+    if not runs:
+        raise ValueError("give at least one run")
+    return list(runs.values())
 
 
 def _norm(value: Any) -> Any:
@@ -276,7 +299,7 @@ def experiment_set(ws_params: dict[str, Any], records: list[Record]) -> Experime
 
 @flow(name="experiments")
 def experiments(workspace: str = ".", seeds: list[int] | None = None, variants: list[str] | None = None,
-                lock_timeout: float = 3600.0, push: bool = False):
+                lock_timeout: float = 3600.0, push: bool = False, runs: list[str] | None = None):
     """Run (or reuse) the experiment set of the paper's claims and write its report.
 
     Args:
@@ -286,10 +309,14 @@ def experiments(workspace: str = ".", seeds: list[int] | None = None, variants: 
         lock_timeout: seconds to wait for another flow run on this workspace before skipping.
         push: push the set's experiments with `dvc exp push origin <names>` (git refs to the git
             remote `origin`, outputs to the default DVC remote).
+        runs: run names `<variant>-s<seed>`: the set is exactly these runs, instead of every
+            variant at every seed (give `runs`, or `seeds` and `variants`, not both).
     """
+    if runs is not None and (seeds or variants):
+        raise ValueError("give the runs by name, or seeds and variants, not both")
+    runs = plan_runs(runs) if runs is not None else plan(variants, seeds or [13])
     logger = get_run_logger()
     ws = resolve_workspace(workspace)
-    runs = plan(variants, seeds or [13])
     with workspace_lock(ws, lock_timeout) as busy:
         if busy:
             return skipped(busy)
@@ -361,12 +388,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m flows.experiments", description=__doc__.strip().splitlines()[0],
         epilog="Runs as a Prefect flow (on a temporary local server unless PREFECT_API_URL is set).")
     p.add_argument("--workspace", default=".", help="the DVC project folder (default: the current directory)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[13], metavar="SEED", help="train.seed values (default: 13)")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT",
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="train.seed values (default: 13)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                    help=f"variants to run (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("--runs", nargs="+", metavar="NAME",
+                   help="instead of --seeds and --variants: exactly these runs, named <variant>-s<seed> "
+                        f"(e.g. {run_name('dpr_sep_dense', 14)} {run_name(REFERENCE, 13)})")
     p.add_argument("--lock-timeout", type=float, default=3600.0, help="seconds to wait for a busy workspace")
     p.add_argument("--push", action="store_true", help="push the experiments: dvc exp push origin <names>")
     args = p.parse_args(argv)
+    if args.runs is not None and (args.seeds or args.variants):
+        p.error("give --runs, or --seeds and --variants, not both")
+    try:
+        plan_runs(args.runs) if args.runs is not None else plan(args.variants, args.seeds or [13])
+    except ValueError as e:
+        p.error(str(e))
     from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED as ANALYTICS
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP, temporary_settings
 
@@ -374,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     # its telemetry heartbeat only fails on a closed network (and races the new database: "locked")
     with temporary_settings({STARTUP: max(STARTUP.value(), 120), ANALYTICS: False}):
         state = experiments(workspace=args.workspace, seeds=args.seeds, variants=args.variants,
-                            lock_timeout=args.lock_timeout, push=args.push, return_state=True)
+                            lock_timeout=args.lock_timeout, push=args.push, runs=args.runs, return_state=True)
     if not state.is_completed() or state.name == "Skipped":
         print(f"experiments: {state.name}: {state.message or ''}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from flow_fixtures import commit, flow_env, make_workspace, run
 from dprpipe.claims import ReportConfig, read_experiments
 from dprpipe.report import build_report
 from flows.experiments import (Found, changed, dataset_override, finished, is_workspace_run, parse_exp_show, pipeline_files,
-                               plan, same_params, untracked)
+                               plan, plan_runs, same_params, untracked)
 
 
 # ---------------------------------------------------------------- the plan and what DVC holds
@@ -38,6 +38,61 @@ def test_plan_names_and_overrides():
                                                  "dpr_dense-s7", "dpr_b128-s7", "dpr_sep_dense-s7"]
     with pytest.raises(ValueError, match="unknown variant.* dpr_hn3; the set has dpr_inbatch, dpr_hn1"):
         plan(["dpr_hn3"], [13])
+
+
+def test_plan_runs_by_name():
+    runs = plan_runs(["dpr_sep_dense-s14", "dpr_hn1-s13", "dpr_sep_dense-s14", "dpr_sep_dense-s15"])
+    assert [(r.name, r.variant, r.seed) for r in runs] == [
+        ("dpr_sep_dense-s14", "dpr_sep_dense", 14), ("dpr_hn1-s13", "dpr_hn1", 13),
+        ("dpr_sep_dense-s15", "dpr_sep_dense", 15)]
+    # the same runs as variants x seeds would give
+    assert runs[1] == plan(["dpr_hn1"], [13])[0] and runs[2] == plan(["dpr_sep_dense"], [15])[0]
+    # one run however its seed is spelled
+    assert [r.name for r in plan_runs(["dpr_hn1-s13", "dpr_hn1-s013"])] == ["dpr_hn1-s13"]
+    for bad in ("dpr_hn1", "dpr_hn1-13", "dpr_hn1-sx", "dpr_hn1-s--3", "dpr_hn1-s\u00b2", "-s13"):
+        with pytest.raises(ValueError, match="is not named <variant>-s<seed>"):
+            plan_runs([bad])
+    with pytest.raises(ValueError, match="unknown variant.* dpr_hn3"):
+        plan_runs(["dpr_hn3-s13"])
+    with pytest.raises(ValueError, match="at least one run"):
+        plan_runs([])
+
+
+def test_cli_takes_runs_or_seeds_and_variants_not_both(capsys, monkeypatch):
+    import flows.experiments as fe
+
+    for argv, error in ((["--runs", "dpr_hn1-s13", "--seeds", "14"], "not both"),
+                        (["--runs", "dpr_hn1-13"], "is not named <variant>-s<seed>"),
+                        (["--runs", "dpr_hn9-s13"], "unknown variant")):
+        with pytest.raises(SystemExit) as e:
+            fe.main(argv)
+        assert e.value.code == 2 and error in capsys.readouterr().err, argv
+    # the flow itself refuses both, before it starts
+    with pytest.raises(ValueError, match="not both"):
+        fe.experiments.fn(runs=["dpr_hn1-s13"], seeds=[14])
+
+    # the names reach the flow as given, and no seeds or variants with them
+    seen = {}
+
+    class Done:
+        name = "Completed"
+        message = None
+
+        def is_completed(self):
+            return True
+
+        def result(self):
+            return {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return Done()
+
+    monkeypatch.setattr(fe, "experiments", fake)
+    assert fe.main(["--runs", "dpr_sep_dense-s14", "dpr_hn1-s13"]) == 0
+    assert (seen["runs"], seen["seeds"], seen["variants"]) == (["dpr_sep_dense-s14", "dpr_hn1-s13"], None, None)
+    assert fe.main(["--seeds", "14", "--variants", "dpr_hn1"]) == 0
+    assert (seen["runs"], seen["seeds"], seen["variants"]) == (None, [14], ["dpr_hn1"])
 
 
 def test_workspace_run_and_dataset_override(tmp_path):
