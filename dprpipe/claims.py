@@ -55,6 +55,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
              shared=False),
 )}
 REFERENCE = "dpr_hn1"      # the paper's DPR; BM25, zero-shot and the hybrid are read from its runs
+DEFAULT = "dpr_sep_dense"  # params.yaml's variant (its label says so): compared with REFERENCE, its hybrid shown too
 SEED_KEY = "train.seed"
 VARIANT_KEYS = tuple(sorted({k for v in VARIANTS.values() for k in v.overrides} | {SEED_KEY}))
 
@@ -223,6 +224,18 @@ def reference_variant(groups: Mapping[str, list[Record]]) -> str | None:
     if REFERENCE in groups:
         return REFERENCE
     return next(iter(groups), None)
+
+
+def hybrid_variants(groups: Mapping[str, list[Record]]) -> list[str]:
+    """The variants whose hybrid the report shows: the reference, and DEFAULT where it ran."""
+    return [v for v in dict.fromkeys((reference_variant(groups), DEFAULT)) if v in groups]
+
+
+def hybrid_label(variant: str, groups: Mapping[str, list[Record]]) -> str:
+    """ "hybrid" when the report shows one hybrid, else the table's name for this one."""
+    if len(hybrid_variants(groups)) == 1:
+        return "hybrid"
+    return f"hybrid (BM25 + {variant_label(variant)})"
 
 
 def metric_stat(records: Sequence[Record], system: str, metric: str) -> Stat | None:
@@ -420,17 +433,20 @@ def _gain_claim(key: str, statement: str, paper: str, c: Comparison | None, a: s
 
 
 def other_comparisons(records: Sequence[Record], cfg: ReportConfig) -> list[str]:
-    """Measured differences that are not claims of the paper: separate encoders, and the hybrid."""
+    """Measured differences that are not claims of the paper: separate encoders, the default
+    against the paper's DPR, and the hybrids."""
     groups = by_variant(records)
     ref = reference_variant(groups)
     m = cfg.metric
     words = {1: "ahead", 0: "a tie", -1: "behind"}
+    pairs = [(("dpr_sep", "dpr", variant_label("dpr_sep")),
+              ("dpr_hn1", "dpr", "shared (" + variant_label("dpr_hn1") + ")")),
+             ((DEFAULT, "dpr", variant_label(DEFAULT)), (REFERENCE, "dpr", "the paper's DPR"))]
+    for v in hybrid_variants(groups):
+        label = hybrid_label(v, groups)
+        pairs += [((v, "hybrid", label), (v, "dpr", variant_label(v))), ((v, "hybrid", label), (ref, "bm25", "BM25"))]
     out = []
-    for (va, sa, la), (vb, sb, lb) in (
-            (("dpr_sep", "dpr", variant_label("dpr_sep")),
-             ("dpr_hn1", "dpr", "shared (" + variant_label("dpr_hn1") + ")")),
-            ((ref, "hybrid", "hybrid"), (ref, "dpr", variant_label(ref or REFERENCE))),
-            ((ref, "hybrid", "hybrid"), (ref, "bm25", "BM25"))):
+    for (va, sa, la), (vb, sb, lb) in pairs:
         c = compare(metric_stat(groups.get(va, []), sa, m), metric_stat(groups.get(vb, []), sb, m),
                     cfg.min_difference)
         if c is not None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .claims import (TABLE_METRICS, VARIANT_KEYS, ExperimentSet, Record, ReportConfig, Stat, by_variant, claims,
-                     metric_name, metric_stat, other_comparisons, reference_variant, stat, train_minutes,
-                     variant_label)
+                     hybrid_variants, metric_name, metric_stat, other_comparisons, reference_variant, stat,
+                     train_minutes, variant_label)
 
 # ---------------------------------------------------------------- the table
 
@@ -32,7 +32,8 @@ class Row:
 
 
 def table_rows(records: Sequence[Record]) -> list[Row]:
-    """BM25, the zero-shot model, each DPR variant, the hybrid of the reference variant."""
+    """BM25, the zero-shot model, each DPR variant, the hybrid of the reference variant (and of
+    the default's, where it ran)."""
     groups = by_variant(records)
     ref = reference_variant(groups)
     if ref is None:
@@ -40,7 +41,7 @@ def table_rows(records: Sequence[Record]) -> list[Row]:
     rows = [Row("BM25", "bm25", groups[ref], False),
             Row("zero-shot starting model (no training)", "zeroshot", groups[ref], False)]
     rows += [Row(variant_label(v), "dpr", recs, True) for v, recs in groups.items()]
-    rows.append(Row(f"hybrid (BM25 + {variant_label(ref)})", "hybrid", groups[ref], False))
+    rows += [Row(f"hybrid (BM25 + {variant_label(v)})", "hybrid", groups[v], False) for v in hybrid_variants(groups)]
     return rows
 
 
@@ -87,7 +88,8 @@ def render_markdown(exps: ExperimentSet, cfg: ReportConfig, recall_png: str, val
               f"{exps.eval_split or 'evaluation'} split" + (f" ({queries} queries)" if queries else "") + ".",
               "Each cell is a mean over a variant's runs, ± the sample standard deviation over seeds when it "
               "has more than one. BM25, the zero-shot starting model and the hybrid are scored by every run's "
-              f"evaluate stage; the table takes them from the runs of `{reference_variant(groups)}`. "
+              f"evaluate stage; the table takes BM25 and the zero-shot model from the runs of "
+              f"`{reference_variant(groups)}`, and each hybrid from the runs of the variant it names. "
               "Training time is the train stage's wall time (training and per-epoch validation) on the "
               "machine that ran it.", "",
               "## Results", ""]
@@ -179,7 +181,7 @@ def _curve_lines(records: Sequence[Record]) -> list[tuple[str, list[Record], str
         return []
     return ([("BM25", groups[ref], "bm25"), ("zero-shot", groups[ref], "zeroshot")]
             + [(variant_label(v), recs, "dpr") for v, recs in groups.items()]
-            + [("hybrid (BM25 + " + variant_label(ref) + ")", groups[ref], "hybrid")])
+            + [("hybrid (BM25 + " + variant_label(v) + ")", groups[v], "hybrid") for v in hybrid_variants(groups)])
 
 
 def _mean_series(records: Sequence[Record], rows_of, x_key: str, y_key: str) -> tuple[list[float], list[Stat]]:

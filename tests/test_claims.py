@@ -1,6 +1,7 @@
 """dprpipe.claims: mean ± sample sd over seeds, each claim's verdict and phrasing when it holds and when it
 does not (against hand-worked records), and the experiment records file."""
 
+import dataclasses
 import json
 
 import pytest
@@ -113,6 +114,31 @@ def test_other_comparisons_separate_encoders_and_hybrid():
         "-0.0200 (behind, tie threshold 0.0100).",
         "hybrid vs DPR, +1 BM25 negative: 0.7500 vs 0.7000 nDCG@10, +0.0500 (ahead, tie threshold 0.0100).",
         "hybrid vs BM25: 0.7500 vs 0.6000 nDCG@10, +0.1500 (ahead, tie threshold 0.0100)."]
+
+
+def test_other_comparisons_of_the_default_against_the_papers_dpr():
+    # the default's variant is compared with dpr_hn1, and its hybrid shown too: each hybrid then has its full name
+    default = [dataclasses.replace(rec("dpr_sep_dense", 13, 0.80, hybrid=0.81), source="workspace"),
+               rec("dpr_sep_dense", 14, 0.82, hybrid=0.83)]
+    records = [rec("dpr_hn1", 13, 0.70, hybrid=0.75), *default]
+    assert other_comparisons(records, CFG) == [
+        "DPR, +1 dense negative, separate encoders (the default) vs the paper's DPR: 0.8100 ± 0.0141 vs 0.7000 "
+        "nDCG@10, +0.1100 (ahead, tie threshold 0.0141).",
+        "hybrid (BM25 + DPR, +1 BM25 negative) vs DPR, +1 BM25 negative: 0.7500 vs 0.7000 nDCG@10, +0.0500 (ahead, "
+        "tie threshold 0.0100).",
+        "hybrid (BM25 + DPR, +1 BM25 negative) vs BM25: 0.7500 vs 0.6000 nDCG@10, +0.1500 (ahead, tie threshold "
+        "0.0100).",
+        "hybrid (BM25 + DPR, +1 dense negative, separate encoders (the default)) vs DPR, +1 dense negative, "
+        "separate encoders (the default): 0.8200 ± 0.0141 vs 0.8100 ± 0.0141 nDCG@10, +0.0100 (a tie, tie threshold "
+        "0.0200).",
+        "hybrid (BM25 + DPR, +1 dense negative, separate encoders (the default)) vs BM25: 0.8200 ± 0.0141 vs 0.6000 "
+        "nDCG@10, +0.2200 (ahead, tie threshold 0.0141)."]
+    # the same whether or not the runs are the workspace's
+    assert other_comparisons([rec("dpr_hn1", 13, 0.70, hybrid=0.75), rec("dpr_sep_dense", 13, 0.80, hybrid=0.81),
+                              rec("dpr_sep_dense", 14, 0.82, hybrid=0.83)], CFG) == other_comparisons(records, CFG)
+    # with the default's runs alone, it is the reference: no comparison with the paper's DPR, one hybrid
+    assert [c.split(":")[0] for c in other_comparisons(default, CFG)] == [
+        "hybrid vs DPR, +1 dense negative, separate encoders (the default)", "hybrid vs BM25"]
 
 
 def test_records_json_round_trip_and_errors(tmp_path):

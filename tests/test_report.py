@@ -49,6 +49,17 @@ def test_table_mean_and_spread_over_seeds():
         "| hybrid (BM25 + DPR, +1 BM25 negative) | **0.7500")
 
 
+def test_table_shows_the_hybrid_of_the_default_beside_the_references():
+    default = rec("dpr_sep_dense", 13, 0.80, hybrid=0.85)
+    rows = [line.split(" | ")[0].lstrip("| ") for line in render_table([rec("dpr_hn1", 13, 0.70), default])[2:]]
+    assert rows == ["BM25", "zero-shot starting model (no training)", "DPR, +1 BM25 negative",
+                    "DPR, +1 dense negative, separate encoders (the default)", "hybrid (BM25 + DPR, +1 BM25 negative)",
+                    "hybrid (BM25 + DPR, +1 dense negative, separate encoders (the default))"]
+    # without the default's variant: only the reference's hybrid
+    rows = [line.split(" | ")[0] for line in render_table([rec("dpr_hn1", 13, 0.70), rec("dpr_dense", 13, 0.8)])]
+    assert sum("hybrid" in r for r in rows) == 1
+
+
 # ---------------------------------------------------------------- the markdown
 
 
