@@ -231,10 +231,8 @@ def hybrid_variants(groups: Mapping[str, list[Record]]) -> list[str]:
     return [v for v in dict.fromkeys((reference_variant(groups), DEFAULT)) if v in groups]
 
 
-def hybrid_label(variant: str, groups: Mapping[str, list[Record]]) -> str:
-    """ "hybrid" when the report shows one hybrid, else the table's name for this one."""
-    if len(hybrid_variants(groups)) == 1:
-        return "hybrid"
+def hybrid_name(variant: str) -> str:
+    """The report's name for a variant's hybrid (its table row and recall curve)."""
     return f"hybrid (BM25 + {variant_label(variant)})"
 
 
@@ -442,8 +440,9 @@ def other_comparisons(records: Sequence[Record], cfg: ReportConfig) -> list[str]
     pairs = [(("dpr_sep", "dpr", variant_label("dpr_sep")),
               ("dpr_hn1", "dpr", "shared (" + variant_label("dpr_hn1") + ")")),
              ((DEFAULT, "dpr", variant_label(DEFAULT)), (REFERENCE, "dpr", "the paper's DPR"))]
-    for v in hybrid_variants(groups):
-        label = hybrid_label(v, groups)
+    hybrids = hybrid_variants(groups)
+    for v in hybrids:
+        label = "hybrid" if len(hybrids) == 1 else hybrid_name(v)   # the full name only where two could be confused
         pairs += [((v, "hybrid", label), (v, "dpr", variant_label(v))), ((v, "hybrid", label), (ref, "bm25", "BM25"))]
     out = []
     for (va, sa, la), (vb, sb, lb) in pairs:

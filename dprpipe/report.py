@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .claims import (TABLE_METRICS, VARIANT_KEYS, ExperimentSet, Record, ReportConfig, Stat, by_variant, claims,
-                     hybrid_variants, metric_name, metric_stat, other_comparisons, reference_variant, stat,
+                     hybrid_name, hybrid_variants, metric_name, metric_stat, other_comparisons, reference_variant, stat,
                      train_minutes, variant_label)
 
 # ---------------------------------------------------------------- the table
@@ -41,7 +41,7 @@ def table_rows(records: Sequence[Record]) -> list[Row]:
     rows = [Row("BM25", "bm25", groups[ref], False),
             Row("zero-shot starting model (no training)", "zeroshot", groups[ref], False)]
     rows += [Row(variant_label(v), "dpr", recs, True) for v, recs in groups.items()]
-    rows += [Row(f"hybrid (BM25 + {variant_label(v)})", "hybrid", groups[v], False) for v in hybrid_variants(groups)]
+    rows += [Row(hybrid_name(v), "hybrid", groups[v], False) for v in hybrid_variants(groups)]
     return rows
 
 
@@ -181,7 +181,7 @@ def _curve_lines(records: Sequence[Record]) -> list[tuple[str, list[Record], str
         return []
     return ([("BM25", groups[ref], "bm25"), ("zero-shot", groups[ref], "zeroshot")]
             + [(variant_label(v), recs, "dpr") for v, recs in groups.items()]
-            + [("hybrid (BM25 + " + variant_label(v) + ")", groups[v], "hybrid") for v in hybrid_variants(groups)])
+            + [(hybrid_name(v), groups[v], "hybrid") for v in hybrid_variants(groups)])
 
 
 def _mean_series(records: Sequence[Record], rows_of, x_key: str, y_key: str) -> tuple[list[float], list[Stat]]:

@@ -107,6 +107,13 @@ def plan_runs(names: Sequence[str]) -> list[Planned]:
     return list(runs.values())
 
 
+def planned(seeds: Sequence[int] | None, variants: Sequence[str] | None, runs: Sequence[str] | None) -> list[Planned]:
+    """The set the flow runs: the named `runs`, or every variant (default: all) at every seed (default: 13)."""
+    if runs is not None and (seeds or variants):
+        raise ValueError("give the runs by name, or seeds and variants, not both")
+    return plan_runs(runs) if runs is not None else plan(variants, seeds or [13])
+
+
 def _norm(value: Any) -> Any:
     # DVC rewrites params.yaml when it applies -S, and a float such as 3e-05 may come back as a string
     if isinstance(value, str):
@@ -312,9 +319,7 @@ def experiments(workspace: str = ".", seeds: list[int] | None = None, variants: 
         runs: run names `<variant>-s<seed>`: the set is exactly these runs, instead of every
             variant at every seed (give `runs`, or `seeds` and `variants`, not both).
     """
-    if runs is not None and (seeds or variants):
-        raise ValueError("give the runs by name, or seeds and variants, not both")
-    runs = plan_runs(runs) if runs is not None else plan(variants, seeds or [13])
+    runs = planned(seeds, variants, runs)
     logger = get_run_logger()
     ws = resolve_workspace(workspace)
     with workspace_lock(ws, lock_timeout) as busy:
@@ -397,10 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lock-timeout", type=float, default=3600.0, help="seconds to wait for a busy workspace")
     p.add_argument("--push", action="store_true", help="push the experiments: dvc exp push origin <names>")
     args = p.parse_args(argv)
-    if args.runs is not None and (args.seeds or args.variants):
-        p.error("give --runs, or --seeds and --variants, not both")
-    try:
-        plan_runs(args.runs) if args.runs is not None else plan(args.variants, args.seeds or [13])
+    try:   # before a Prefect server is started for it
+        planned(args.seeds, args.variants, args.runs)
     except ValueError as e:
         p.error(str(e))
     from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED as ANALYTICS
