@@ -23,6 +23,12 @@ The step's parts (`step_parts`, run on its own: `python bench/train_bench.py --s
 seconds per training step as the train stage runs it (`FastDropout`, fused AdamW), with PyTorch's
 dropout modules, and with those and its unfused AdamW; alternating, medians over `repeats` runs.
 
+Cheaper steps (`cheaper_steps`, run on its own: `python bench/train_bench.py --cheaper-steps`):
+seconds per train-stage step with `train.detach_negatives` (the hard negatives encoded without a
+graph), `train.frozen_layers` 2 and 3 (the passage encoder's embeddings and bottom layers not
+trained), both, or passages cut at 192 tokens, against params.yaml's step; alternating, medians
+over `repeats` runs.
+
 The attention kernel (`attention_kernel`, run on its own: `python bench/train_bench.py
 --attention-kernel`): seconds per train-stage step and peak RSS with Hugging Face's `sdpa`
 attention (PyTorch's fused kernel) against `eager` (unfused; what `model.attention: auto` picks on
@@ -65,16 +71,18 @@ def _steps(precision: str, data, cfg, enc_cfg, n_steps: int, fast_dropout: bool 
     `fused_adamw` False) with PyTorch's dropout modules or its unfused AdamW."""
     from dprpipe.model import DualEncoder, autocast, use_fast_dropout
     from dprpipe.loss import batch_loss
-    from dprpipe.train import adamw, epoch_batches, seed_everything
+    from dprpipe.train import adamw, epoch_batches, freeze_bottom, seed_everything
 
     seed_everything(cfg.seed)
     model, _ = DualEncoder.load(enc_cfg.model, replace(enc_cfg, precision=precision),
                                 attention_dropout=cfg.attention_dropout)
     if fast_dropout:
         use_fast_dropout(model)
+    freeze_bottom(model.passage_model, cfg.frozen_layers)
     model.train()
-    opt = (adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if fused_adamw else
-           torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = (adamw(trained, lr=cfg.lr, weight_decay=cfg.weight_decay) if fused_adamw else
+           torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay))
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
     batches = epoch_batches(data, cfg, 0, pid_index)[:n_steps + 1]
     dev = next(model.parameters()).device
@@ -83,7 +91,8 @@ def _steps(precision: str, data, cfg, enc_cfg, n_steps: int, fast_dropout: bool 
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast(model.cfg, dev):
-            loss = batch_loss(model, batch, data.corpus, pid_index, cfg.temperature, cfg.passage_max_length)
+            loss = batch_loss(model, batch, data.corpus, pid_index, cfg.temperature, cfg.passage_max_length,
+                              cfg.detach_negatives)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
@@ -276,6 +285,25 @@ def step_parts(data: str, repeats: int) -> dict:
             "speedup": median["PyTorch dropout, unfused AdamW"] / median["train stage"]}
 
 
+# train-section overrides of the cheaper steps, against the configured step ("params.yaml")
+CHEAPER_STEPS = {"params.yaml": {}, "detach_negatives": {"detach_negatives": True},
+                 "frozen_layers 2": {"frozen_layers": 2}, "frozen_layers 3": {"frozen_layers": 3},
+                 "detach_negatives, frozen_layers 2": {"detach_negatives": True, "frozen_layers": 2},
+                 "passage_max_length 192": {"passage_max_length": 192}}
+
+
+def cheaper_steps(data: str, repeats: int) -> dict:
+    """Train-stage steps (default precision) with the hard negatives encoded without a graph, the passage
+    encoder's bottom layers frozen, or shorter passages, against params.yaml's step; alternating
+    `repeats` times, each run one warm-up and 2 timed steps."""
+    enc_cfg, cfg, data_ = _first_batches(data, 3)
+    runs, median = alternating({
+        name: lambda over=over: _steps(enc_cfg.precision, data_, replace(cfg, **over), enc_cfg, 2)
+        for name, over in CHEAPER_STEPS.items()}, repeats, "median_step_s")
+    return {**_step_setup(enc_cfg, cfg), "runs": runs, "median_step_s": median,
+            "speedup": {name: median["params.yaml"] / m for name, m in median.items()}}
+
+
 ATTENTION_KERNELS = ("sdpa", "eager")   # Hugging Face's attn_implementation: fused, unfused (auto's on a CPU)
 
 
@@ -428,6 +456,8 @@ if __name__ == "__main__":
                       help="steps with the fused attention (sdpa) against the unfused one (eager), with peak RSS")
     what.add_argument("--step-parts", action="store_true",
                       help="the stage's step against PyTorch's dropout modules and unfused AdamW")
+    what.add_argument("--cheaper-steps", action="store_true",
+                      help="steps with detached negatives, frozen bottom layers or shorter passages")
     p.add_argument("--rate", type=float, default=0.0, help="--attention-dropout's rate (default: 0)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--repeats", type=int, default=3)
@@ -439,6 +469,8 @@ if __name__ == "__main__":
         res = attention_kernel(args.data, args.repeats)
     elif args.step_parts:
         res = step_parts(args.data, args.repeats)
+    elif args.cheaper_steps:
+        res = cheaper_steps(args.data, args.repeats)
     else:
         res = head_precision(args.data, args.repeats)
     if args.json:
@@ -472,6 +504,10 @@ if __name__ == "__main__":
     if args.step_parts:
         print_steps("step", {name: name for name in STEP_KINDS}, dropout, "2 steps")
         print(f"speed-up of the train stage's step: {res['speedup']:.2f}x")
+        raise SystemExit(0)
+    if args.cheaper_steps:
+        print_steps("step", {name: name for name in CHEAPER_STEPS}, dropout, "2 steps")
+        print("speed-up over params.yaml's step: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedup"].items()))
         raise SystemExit(0)
     loads = lambda runs: ", ".join("-".join(f"{v:.1f}" for v in r["load"]) for r in runs)  # noqa: E731
     print(f"{res['cpu']}, {res['torch_threads']} torch threads, bf16 autocast: {res['uses_bf16']}; "

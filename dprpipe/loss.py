@@ -58,12 +58,26 @@ def masked_loss(q: torch.Tensor, p: torch.Tensor, batch: Batch, cols: Sequence[i
 
 
 def batch_loss(model: DualEncoder, batch: Batch, corpus: Sequence[Passage],
-               pid_index: Mapping[str, int], temperature: float, passage_max_length: int = 0) -> torch.Tensor:
-    """Loss of one batch: passages are the positives (columns 0..B-1) then all hard negatives."""
+               pid_index: Mapping[str, int], temperature: float, passage_max_length: int = 0,
+               detach_negatives: bool = False) -> torch.Tensor:
+    """Loss of one batch: passages are the positives (columns 0..B-1) then all hard negatives.
+
+    With `detach_negatives` the hard negatives are encoded without a graph (a negative cache, as in
+    Lindgren et al., 2021): their scores still train the question encoder, and the positives (every
+    other question's in-batch negatives) the passage encoder, but no gradient flows into the passage
+    encoder through them, so they cost a forward pass instead of a forward and a backward.
+    """
     cols = columns(batch)
     q = model.encode_query(model.tokenize_queries([qr.text for qr, _, _ in batch]))
     texts = passage_texts([corpus[c] for c in cols], model.cfg.use_title)
-    p = model.encode_passage(model.tokenize_passages(texts, passage_max_length or None))
+    length = passage_max_length or None
+    if not detach_negatives or len(texts) == len(batch):
+        p = model.encode_passage(model.tokenize_passages(texts, length))
+    else:
+        positives = model.encode_passage(model.tokenize_passages(texts[:len(batch)], length))
+        with torch.no_grad():
+            negatives = model.encode_passage(model.tokenize_passages(texts[len(batch):], length))
+        p = torch.cat([positives, negatives])
     return masked_loss(q, p, batch, cols, pid_index, temperature)
 
 
@@ -248,7 +262,8 @@ def step_gradients(model: DualEncoder, towers: nn.Module | None, group: Sequence
             continue
         if towers is None:
             with autocast(model.cfg, dev):
-                loss = batch_loss(model, batch, corpus, pid_index, cfg.temperature, cfg.passage_max_length)
+                loss = batch_loss(model, batch, corpus, pid_index, cfg.temperature, cfg.passage_max_length,
+                                  cfg.detach_negatives)
             (loss / len(group)).backward()
         else:
             # DDP reduces gradients once per optimiser step, on the last micro-batch

@@ -83,6 +83,8 @@ class TrainConfig:
     grad_cache_chunk: int = 0      # > 0: gradient caching, texts encoded N at a time (memory of N, any batch)
     include_dev: bool = True       # train on the dev questions too (no validation: the last epoch is kept)
     attention_dropout: float | None = 0.0   # dropout on attention weights while training (None: the model's own)
+    detach_negatives: bool = False # hard negatives encoded without a graph (see `loss.batch_loss`)
+    frozen_layers: int = 0         # > 0: the passage encoder's embeddings and first N layers are not trained
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):
@@ -98,6 +100,11 @@ class TrainConfig:
         check_attention_dropout(self.attention_dropout)
         if self.grad_cache_chunk < 0:
             raise ValueError(f"grad_cache_chunk must be >= 0 (0: off), got {self.grad_cache_chunk}")
+        if self.detach_negatives and (self.grad_cache_chunk or self.nproc > 1):
+            raise ValueError("detach_negatives runs in one process without gradient caching; "
+                             "set grad_cache_chunk: 0 and nproc: 1, or detach_negatives: false")
+        if self.frozen_layers < 0:
+            raise ValueError(f"frozen_layers must be >= 0 (0: every layer trains), got {self.frozen_layers}")
 
     def negative_sources(self) -> list[str]:
         return self.negatives.split("+")
@@ -138,6 +145,33 @@ def adamw(params, **options) -> torch.optim.AdamW:
     tensors = [t for g in params for t in g["params"]] if isinstance(params[0], dict) else params
     fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
     return torch.optim.AdamW(params, fused=fused or None, **options)
+
+
+def layer_list(encoder: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a Hugging Face encoder, bottom first: its first ModuleList of
+    `config.num_hidden_layers` modules (BERT's `encoder.layer`, DistilBERT's `transformer.layer`, ...)."""
+    n = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the layers of {type(encoder).__name__}: no list of its "
+                     f"num_hidden_layers ({n}) modules; train with frozen_layers: 0")
+
+
+def freeze_bottom(encoder: nn.Module, n: int) -> int:
+    """Stop training the embeddings and the first `n` layers of `encoder` (nothing for n = 0);
+    returns the number of parameters frozen. Backward then stops at layer n: the frozen layers
+    cost a forward pass only. With a shared encoder the question side is frozen too."""
+    if n == 0:
+        return 0
+    layers = layer_list(encoder)
+    if n > len(layers):
+        raise ValueError(f"frozen_layers is {n}, but the encoder has {len(layers)} layers")
+    embeddings = getattr(encoder, "embeddings", None) or encoder.get_input_embeddings()
+    frozen = [p for m in (embeddings, *layers[:n]) for p in m.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen)
 
 
 def seed_everything(seed: int) -> None:
@@ -259,6 +293,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
 
     seed()
     use_fast_dropout(model)
+    freeze_bottom(model.passage_model, cfg.frozen_layers)
     # the batches of one process with world * batch_size questions; each rank trains on its slice
     global_cfg = replace(cfg, batch_size=cfg.batch_size * world) if world > 1 else cfg
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}
@@ -268,7 +303,7 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accumulation)
     total = steps_per_epoch * cfg.epochs
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "norm.weight")
-    params = list({id(p): (n, p) for n, p in model.named_parameters()}.values())
+    params = list({id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values())
     warmup = int(cfg.warmup_ratio * total)
 
     def make_optimizer():

@@ -678,3 +678,79 @@ def test_adamw_is_fused_on_cpu_and_steps_as_the_plain_one():
         assert not torch.equal(w, w0)
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
     assert train_mod.adamw((p for p in [torch.nn.Parameter(torch.ones(2))]), lr=0.1).defaults["fused"] is True
+
+
+# ---------------------------------------------------------------- cheaper steps: detached negatives, frozen layers
+
+
+def _detached_reference(model, batch, corpus, pid, cfg):
+    """The loss with every passage encoded in one call and the hard negatives' rows cut from the graph."""
+    cols = loss_mod.columns(batch)
+    q = model.encode_query(model.tokenize_queries([qr.text for qr, _, _ in batch]))
+    p = model.encode_passage(model.tokenize_passages(passage_texts([corpus[c] for c in cols], True)))
+    p = torch.cat([p[:len(batch)], p[len(batch):].detach()])
+    return loss_mod.masked_loss(q, p, batch, cols, pid, cfg.temperature)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_detached_negatives_keep_the_loss_and_drop_their_gradient(shared):
+    corpus = toy_corpus()
+    batch, pid = _cache_batch(corpus)   # 8 questions, 2 hard negatives each (one masked column)
+    model = tiny_encoder(seed=0, shared=shared, **ENCODER)
+    model.eval()
+    plain, plain_loss = _uncached_grads(model, batch, corpus, pid, CFG)
+    model.zero_grad(set_to_none=True)
+    loss = batch_loss(model, batch, corpus, pid, CFG.temperature, detach_negatives=True)
+    loss.backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _detached_reference(model, batch, corpus, pid, CFG).backward()
+    want = _grads(model)
+    assert loss.item() == pytest.approx(plain_loss, rel=1e-5)   # the same scores
+    assert _worst(got, want) < 1e-4
+    assert _worst(got, plain) > 1e-2                             # the negatives' gradient is gone
+    if not shared:   # the question encoder still learns from the negatives' scores
+        query = [n for n in plain if n.startswith("query_model.")]
+        assert max(float((got[n] - plain[n]).abs().max()) for n in query) < 1e-6
+
+
+def test_detached_negatives_need_one_process_without_caching():
+    TrainConfig(detach_negatives=True)
+    for bad in ({"grad_cache_chunk": 4}, {"nproc": 2}):
+        with pytest.raises(ValueError, match="detach_negatives"):
+            TrainConfig(detach_negatives=True, **bad)
+    with pytest.raises(ValueError, match="frozen_layers"):
+        TrainConfig(frozen_layers=-1)
+
+
+def test_freeze_bottom_stops_the_embeddings_and_the_first_layers():
+    model = tiny_encoder(seed=0, shared=False, **ENCODER)
+    enc = model.passage_model
+    assert train_mod.freeze_bottom(enc, 0) == 0 and all(p.requires_grad for p in enc.parameters())
+    n = train_mod.freeze_bottom(enc, 1)
+    frozen = {name for name, p in enc.named_parameters() if not p.requires_grad}
+    assert frozen == {name for name, _ in enc.named_parameters()
+                      if name.startswith(("embeddings.", "encoder.layer.0."))}
+    assert n == sum(p.numel() for name, p in enc.named_parameters() if name in frozen)
+    assert all(p.requires_grad for p in model.query_model.parameters())
+    with pytest.raises(ValueError, match="2 layers"):
+        train_mod.freeze_bottom(tiny_encoder(seed=0, **ENCODER).passage_model, 3)
+    with pytest.raises(ValueError, match="cannot find the layers"):
+        train_mod.freeze_bottom(torch.nn.Linear(2, 2), 1)
+
+
+def test_training_with_frozen_layers_leaves_them_as_they_were(tmp_path):
+    model = tiny_encoder(seed=0, shared=False, **ENCODER)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = replace(CFG, epochs=1, frozen_layers=1, detach_negatives=True)
+    hist = train(model, _data(), cfg, tmp_path / "out", tmp_path / "state", progress=False)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    frozen = {k for k in after if k.startswith(("passage_model.embeddings.", "passage_model.encoder.layer.0."))}
+    assert frozen and not changed & frozen
+    assert any(k.startswith("passage_model.encoder.layer.1.") for k in changed)
+    assert any(k.startswith("query_model.embeddings.") for k in changed)
+    assert hist[-1]["loss"] is not None
+    saved = DualEncoder.load(str(tmp_path / "out"))[0].state_dict()
+    for k in frozen:
+        torch.testing.assert_close(saved[k], before[k], rtol=0, atol=0, msg=k)
