@@ -287,7 +287,8 @@ def step_parts(data: str, repeats: int) -> dict:
 
 # train-section overrides of the cheaper steps, against the configured step ("params.yaml")
 CHEAPER_STEPS = {"params.yaml": {}, "detach_negatives": {"detach_negatives": True},
-                 "frozen_layers 2": {"frozen_layers": 2}, "frozen_layers 3": {"frozen_layers": 3},
+                 "frozen_layers 1": {"frozen_layers": 1}, "frozen_layers 2": {"frozen_layers": 2},
+                 "frozen_layers 3": {"frozen_layers": 3},
                  "detach_negatives, frozen_layers 2": {"detach_negatives": True, "frozen_layers": 2},
                  "passage_max_length 192": {"passage_max_length": 192}}
 

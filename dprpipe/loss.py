@@ -7,7 +7,9 @@ hard negatives; a passage that is another copy of one of its own positives is ma
 than counted as a negative. Under torchrun each rank encodes its contiguous slice of a global
 batch and all-gathers the embeddings, so the loss has the same columns and masks as one process
 (see `distributed_batch_loss`). With `grad_cache_chunk` > 0 the gradient comes from gradient
-caching (GradCache, Gao et al. 2021; see `cached_batch_gradients`).
+caching (GradCache, Gao et al. 2021; see `cached_batch_gradients`). With `detach_negatives` the
+hard negatives are encoded without a graph (one process, no caching): their scores still train the
+question encoder, but no gradient reaches the passage encoder through them.
 
 Inputs: the encoder, a batch, the corpus and its id -> position index. Outputs: losses (tensors or
 floats) and gradients accumulated in the encoder's parameters.

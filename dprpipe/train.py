@@ -21,6 +21,9 @@ every rank draws the same global batches and trains on its slice of each (see `l
 result is the single-process one. Rank 0 alone validates and writes checkpoints; dropout masks
 differ per rank (seed + rank). Training puts `FastDropout` in place of the encoders' dropout
 modules (same rates; cheaper masks on the CPU) and steps with a fused AdamW where it can.
+Two settings make a step cheaper: `frozen_layers` leaves the passage encoder's
+embeddings and bottom layers untrained (`freeze_bottom`; backward stops above them), and
+`detach_negatives` encodes the hard negatives without a graph (see `loss`).
 
 With `include_dev` the dev questions join the training questions and nothing is validated, so
 the last epoch is kept: the refit once the params have been chosen on dev.
@@ -84,7 +87,7 @@ class TrainConfig:
     include_dev: bool = True       # train on the dev questions too (no validation: the last epoch is kept)
     attention_dropout: float | None = 0.0   # dropout on attention weights while training (None: the model's own)
     detach_negatives: bool = False # hard negatives encoded without a graph (see `loss.batch_loss`)
-    frozen_layers: int = 0         # > 0: the passage encoder's embeddings and first N layers are not trained
+    frozen_layers: int = 1         # the passage encoder's embeddings and first N layers are not trained (0: none)
 
     def __post_init__(self):
         if self.validation not in ("ndcg@10", "avg_rank"):
@@ -294,6 +297,11 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
     seed()
     use_fast_dropout(model)
     freeze_bottom(model.passage_model, cfg.frozen_layers)
+    # a shared encoder frozen to its top trains nothing (only its unused pooler still requires grad)
+    if cfg.frozen_layers and model.query_model is model.passage_model \
+            and cfg.frozen_layers == len(layer_list(model.passage_model)):
+        raise ValueError(f"frozen_layers: {cfg.frozen_layers} leaves nothing to train: the encoder is shared "
+                         "and has no more layers; set frozen_layers below its depth (0: every layer trains)")
     # the batches of one process with world * batch_size questions; each rank trains on its slice
     global_cfg = replace(cfg, batch_size=cfg.batch_size * world) if world > 1 else cfg
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}

@@ -181,7 +181,7 @@ def write_params(ws: Path) -> None:
                         "shared": True, "passage_max_length": 48},
               # 12 train questions in batches of 4: 3 steps an epoch; states after steps 2, 3, 4 and 6
               "train": {"epochs": 2, "batch_size": 4, "negative_pool": 5, "val_negatives": 3, "negatives": "bm25",
-                        "include_dev": False,
+                        "include_dev": False, "frozen_layers": 0,   # the shared toy encoder has one layer
                         "checkpoint_every": 2, "passage_max_length": 32, "lr": 1e-3, "warmup_ratio": 0.0},
               "encode": {"batch_size": 8, "block_size": 16},
               "index": {"kind": "flat"}}

@@ -91,8 +91,9 @@ def test_one_checkpoint_gives_identical_embeddings(tmp_path):
 
 # ---------------------------------------------------------------- a tiny pipeline, twice
 
+# every layer trains: the toy encoder has two
 CFG = TrainConfig(epochs=2, batch_size=4, hard_negatives=1, negative_pool=3, lr=5e-4, warmup_ratio=0.1,
-                  include_dev=False, temperature=0.1, checkpoint_every=3, val_negatives=3, seed=13)
+                  include_dev=False, temperature=0.1, checkpoint_every=3, val_negatives=3, seed=13, frozen_layers=0)
 
 
 def pipeline(root: Path, cfg: TrainConfig) -> dict:

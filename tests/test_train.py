@@ -169,8 +169,9 @@ def test_validation_ranks_the_dev_pool_of_val_negatives_not_training_negatives()
 
 # ---------------------------------------------------------------- training runs
 
+# every layer trains: the toy encoder has two (the frozen ones have their own tests)
 CFG = TrainConfig(epochs=3, batch_size=4, hard_negatives=1, negative_pool=3, lr=3e-3, warmup_ratio=0.0,
-                  include_dev=False, temperature=0.1, checkpoint_every=3, seed=7, val_negatives=3)
+                  include_dev=False, temperature=0.1, checkpoint_every=3, seed=7, val_negatives=3, frozen_layers=0)
 ENCODER = {"pooling": "mean", "normalize": True}
 STEPS_PER_EPOCH = len(TOPICS) // CFG.batch_size  # 4
 
@@ -754,3 +755,17 @@ def test_training_with_frozen_layers_leaves_them_as_they_were(tmp_path):
     saved = DualEncoder.load(str(tmp_path / "out"))[0].state_dict()
     for k in frozen:
         torch.testing.assert_close(saved[k], before[k], rtol=0, atol=0, msg=k)
+
+
+def test_training_refuses_to_freeze_every_layer_of_a_shared_encoder(tmp_path):
+    cfg = replace(CFG, epochs=1, frozen_layers=2)
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train(tiny_encoder(seed=0, shared=True, **ENCODER), _data(), cfg, tmp_path / "out", tmp_path / "state",
+              progress=False)
+    # separate encoders: the question encoder still trains
+    model = tiny_encoder(seed=0, shared=False, **ENCODER)
+    before = {k: v.clone() for k, v in model.query_model.state_dict().items()}
+    train(model, _data(), cfg, tmp_path / "out2", tmp_path / "state2", progress=False)
+    assert any(not torch.equal(v, before[k]) for k, v in model.query_model.state_dict().items())
+    assert not any(p.requires_grad for name, p in model.passage_model.named_parameters()
+                   if not name.startswith("pooler."))   # the pooler is never used
