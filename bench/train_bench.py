@@ -25,7 +25,7 @@ dropout modules, and with those and its unfused AdamW; alternating, medians over
 
 Cheaper steps (`cheaper_steps`, run on its own: `python bench/train_bench.py --cheaper-steps`):
 seconds per train-stage step with `train.detach_negatives` (the hard negatives encoded without a
-graph), `train.frozen_layers` 2 and 3 (the passage encoder's embeddings and bottom layers not
+graph), `train.frozen_layers` 0 to 3 (the passage encoder's embeddings and bottom layers not
 trained), both, or passages cut at 192 tokens, against params.yaml's step; alternating, medians
 over `repeats` runs.
 
@@ -285,12 +285,14 @@ def step_parts(data: str, repeats: int) -> dict:
             "speedup": median["PyTorch dropout, unfused AdamW"] / median["train stage"]}
 
 
-# train-section overrides of the cheaper steps, against the configured step ("params.yaml")
-CHEAPER_STEPS = {"params.yaml": {}, "detach_negatives": {"detach_negatives": True},
+# train-section overrides of the cheaper steps, against the configured step ("params.yaml"); each names
+# its frozen layers, so a row means the same step whatever params.yaml's default is
+CHEAPER_STEPS = {"params.yaml": {}, "frozen_layers 0": {"frozen_layers": 0},
                  "frozen_layers 1": {"frozen_layers": 1}, "frozen_layers 2": {"frozen_layers": 2},
                  "frozen_layers 3": {"frozen_layers": 3},
+                 "detach_negatives, frozen_layers 0": {"detach_negatives": True, "frozen_layers": 0},
                  "detach_negatives, frozen_layers 2": {"detach_negatives": True, "frozen_layers": 2},
-                 "passage_max_length 192": {"passage_max_length": 192}}
+                 "passage_max_length 192, frozen_layers 0": {"passage_max_length": 192, "frozen_layers": 0}}
 
 
 def cheaper_steps(data: str, repeats: int) -> dict:
