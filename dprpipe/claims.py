@@ -42,7 +42,8 @@ def _variant(name: str, label: str, negatives: int, source: str = "bm25", shared
 
 
 # Every variant sets the negatives and the encoders, so a name means the same thing whatever
-# params.yaml's defaults are; the batch size (a resource setting) is params.yaml's except in dpr_b128.
+# params.yaml's defaults are for those; the rest of the recipe (epochs, lr, frozen layers, ...) and the
+# batch size (a resource setting, except in dpr_b128) are params.yaml's.
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     _variant("dpr_inbatch", "DPR, in-batch negatives only", 0),
     _variant("dpr_hn1", "DPR, +1 BM25 negative", 1),

@@ -237,8 +237,9 @@ def cached_batch_gradients(model: DualEncoder, towers: nn.Module | None, batch: 
                 grads.append(q_grad[q_at:q_at + len(q)])
                 q_at += len(q)
             if p is not None:
-                outputs.append(p)
-                grads.append(p_grad[p_at:p_at + len(p)])
+                if p.requires_grad:   # not when the passage encoder is frozen to its top layer
+                    outputs.append(p)
+                    grads.append(p_grad[p_at:p_at + len(p)])
                 p_at += len(p)
             torch.autograd.backward(outputs, grads)
     dist_.set_rng_state(*rng_after)   # where the first pass left it (the replays drew the same numbers)

@@ -294,14 +294,15 @@ def train(model: DualEncoder, data: TrainData, cfg: TrainConfig, out_dir: str | 
         if world > 1:
             torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank; rank 0 draws as one process
 
-    seed()
-    use_fast_dropout(model)
-    freeze_bottom(model.passage_model, cfg.frozen_layers)
-    # a shared encoder frozen to its top trains nothing (only its unused pooler still requires grad)
+    # a shared encoder frozen to its top trains nothing (only its unused pooler would require grad);
+    # refused before the model is touched
     if cfg.frozen_layers and model.query_model is model.passage_model \
             and cfg.frozen_layers == len(layer_list(model.passage_model)):
         raise ValueError(f"frozen_layers: {cfg.frozen_layers} leaves nothing to train: the encoder is shared "
                          "and has no more layers; set frozen_layers below its depth (0: every layer trains)")
+    seed()
+    use_fast_dropout(model)
+    freeze_bottom(model.passage_model, cfg.frozen_layers)
     # the batches of one process with world * batch_size questions; each rank trains on its slice
     global_cfg = replace(cfg, batch_size=cfg.batch_size * world) if world > 1 else cfg
     pid_index = {p.id: i for i, p in enumerate(data.corpus)}

@@ -30,6 +30,7 @@ from dprpipe.loss import gathered_order, step_gradients
 from dprpipe.train import TrainConfig, TrainData, _ddp, epoch_batches, train
 
 WORLD = 2
+# frozen_layers is the default's (1 of the toy encoder's 2 layers), so DDP is checked with a frozen layer
 BASE = TrainConfig(epochs=2, hard_negatives=1, negative_pool=3, lr=3e-3, warmup_ratio=0.0, temperature=0.1,
                    include_dev=False, checkpoint_every=1, seed=7, val_negatives=3)
 # per-rank batch sizes; the reference trains one process with WORLD times as many questions per batch

@@ -24,7 +24,8 @@ def test_dvc_repro_on_a_dpr_release_with_a_qa_csv_test_split(tmp_path):
     # prepare.files stays {}: every file is found by its release name
     edit_params(repo, {"prepare.dataset": "datasets/nq", "prepare.files": {}, "prepare.max_words": 0,
                        "model.model": "tiny-encoder", "train.epochs": 1, "train.batch_size": 8,
-                       "train.checkpoint_every": 2, "train.passage_max_length": 48, "model.passage_max_length": 48,
+                       "train.checkpoint_every": 2, "train.frozen_layers": 0,   # a one-layer toy encoder
+                       "train.passage_max_length": 48, "model.passage_max_length": 48,
                        "model.query_max_length": 24, "encode.batch_size": 64, "mine.run_depth": 100})
     for args in (["git", "init", "-q"], ["dvc", "init", "-q", "--force"]):
         r = _run(args, repo)

@@ -179,6 +179,7 @@ def make_tiny_repo(repo: Path) -> dict:
     edit_params(repo, {"prepare.dataset": "datasets/tiny", "prepare.max_words": 0, "model.model": "tiny-encoder",
                        "train.epochs": 1, "train.batch_size": 8, "train.checkpoint_every": 2,
                        "train.include_dev": False,   # validated: the kill tests count its steps
+                       "train.frozen_layers": 0,     # the toy encoder has one layer: both encoders train
                        "train.passage_max_length": 48, "model.passage_max_length": 48,
                        "model.query_max_length": 24, "encode.batch_size": 64, "mine.run_depth": 100})
     for args in (["git", "init", "-q"], ["dvc", "init", "-q", "--force"]):

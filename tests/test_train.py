@@ -769,3 +769,8 @@ def test_training_refuses_to_freeze_every_layer_of_a_shared_encoder(tmp_path):
     assert any(not torch.equal(v, before[k]) for k, v in model.query_model.state_dict().items())
     assert not any(p.requires_grad for name, p in model.passage_model.named_parameters()
                    if not name.startswith("pooler."))   # the pooler is never used
+    # and so with gradient caching, whose replay has no passage graph to backpropagate
+    model = tiny_encoder(seed=0, shared=False, **ENCODER)
+    before = {k: v.clone() for k, v in model.query_model.state_dict().items()}
+    train(model, _data(), replace(cfg, grad_cache_chunk=3), tmp_path / "out3", tmp_path / "state3", progress=False)
+    assert any(not torch.equal(v, before[k]) for k, v in model.query_model.state_dict().items())
