@@ -432,14 +432,16 @@ def _gain_claim(key: str, statement: str, paper: str, c: Comparison | None, a: s
 
 
 def other_comparisons(records: Sequence[Record], cfg: ReportConfig) -> list[str]:
-    """Measured differences that are not claims of the paper: separate encoders, the default
-    against the paper's DPR, and the hybrids."""
+    """Measured differences that are not claims of the paper: separate encoders, dense negatives
+    at separate encoders (the default against `dpr_sep`: claim 3 at the default's encoders), the
+    default against the paper's DPR, and the hybrids."""
     groups = by_variant(records)
     ref = reference_variant(groups)
     m = cfg.metric
     words = {1: "ahead", 0: "a tie", -1: "behind"}
     pairs = [(("dpr_sep", "dpr", variant_label("dpr_sep")),
               ("dpr_hn1", "dpr", "shared (" + variant_label("dpr_hn1") + ")")),
+             ((DEFAULT, "dpr", variant_label(DEFAULT)), ("dpr_sep", "dpr", "BM25 negatives (" + variant_label("dpr_sep") + ")")),
              ((DEFAULT, "dpr", variant_label(DEFAULT)), (REFERENCE, "dpr", "the paper's DPR"))]
     hybrids = hybrid_variants(groups)
     for v in hybrids:

@@ -116,6 +116,14 @@ def test_other_comparisons_separate_encoders_and_hybrid():
         "hybrid vs BM25: 0.7500 vs 0.6000 nDCG@10, +0.1500 (ahead, tie threshold 0.0100)."]
 
 
+def test_other_comparisons_of_dense_negatives_at_separate_encoders():
+    # the default (dense negatives) against dpr_sep (BM25 negatives), both with separate encoders
+    records = [rec("dpr_sep", 13, 0.70), rec("dpr_sep_dense", 13, 0.73), rec("dpr_sep_dense", 14, 0.75)]
+    assert other_comparisons(records, CFG)[:1] == [       # the hybrids follow
+        "DPR, +1 dense negative, separate encoders (the default) vs BM25 negatives (DPR, +1 BM25 negative, "
+        "separate encoders): 0.7400 ± 0.0141 vs 0.7000 nDCG@10, +0.0400 (ahead, tie threshold 0.0141)."]
+
+
 def test_other_comparisons_of_the_default_against_the_papers_dpr():
     # the default's variant is compared with dpr_hn1, and its hybrid shown too: each hybrid then has its full name
     default = [dataclasses.replace(rec("dpr_sep_dense", 13, 0.80, hybrid=0.81), source="workspace"),
