@@ -439,10 +439,11 @@ def other_comparisons(records: Sequence[Record], cfg: ReportConfig) -> list[str]
     ref = reference_variant(groups)
     m = cfg.metric
     words = {1: "ahead", 0: "a tie", -1: "behind"}
+    default = (DEFAULT, "dpr", variant_label(DEFAULT))
     pairs = [(("dpr_sep", "dpr", variant_label("dpr_sep")),
               ("dpr_hn1", "dpr", "shared (" + variant_label("dpr_hn1") + ")")),
-             ((DEFAULT, "dpr", variant_label(DEFAULT)), ("dpr_sep", "dpr", "BM25 negatives (" + variant_label("dpr_sep") + ")")),
-             ((DEFAULT, "dpr", variant_label(DEFAULT)), (REFERENCE, "dpr", "the paper's DPR"))]
+             (default, ("dpr_sep", "dpr", "BM25 negatives (" + variant_label("dpr_sep") + ")")),
+             (default, (REFERENCE, "dpr", "the paper's DPR"))]
     hybrids = hybrid_variants(groups)
     for v in hybrids:
         label = "hybrid" if len(hybrids) == 1 else hybrid_name(v)   # the full name only where two could be confused
