@@ -183,7 +183,7 @@ def read_experiments(path: str | os.PathLike) -> ExperimentSet:
 
 @dataclass(frozen=True)
 class Stat:
-    """Mean and sample standard deviation (n - 1; 0 for one value) over seeds."""
+    """Mean and sample standard deviation (n - 1; 0 for one value or equal values) over seeds."""
 
     mean: float
     sd: float
@@ -191,10 +191,14 @@ class Stat:
 
     def text(self, digits: int = 4) -> str:
         """
-        >>> Stat(0.5, 0.0, 1).text(), Stat(0.5, 0.01, 3).text()
-        ('0.5000', '0.5000 ± 0.0100')
+        A figure every seed gives alike (BM25, the untrained model) has no spread to show.
+
+        >>> Stat(0.5, 0.0, 1).text(), Stat(0.5, 0.01, 3).text(), Stat(0.5, 0.0, 3).text()
+        ('0.5000', '0.5000 ± 0.0100', '0.5000')
         """
-        return f"{self.mean:.{digits}f}" if self.n < 2 else f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}"
+        if self.n < 2 or self.sd == 0:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}"
 
 
 def stat(values: Iterable[float | None]) -> Stat | None:
@@ -206,8 +210,10 @@ def stat(values: Iterable[float | None]) -> Stat | None:
     xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not xs:
         return None
+    if len(set(xs)) == 1:  # exactly 0, not the rounding error of averaging equal values
+        return Stat(xs[0], 0.0, len(xs))
     mean = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
     return Stat(mean, sd, len(xs))
 
 

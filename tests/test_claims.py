@@ -22,6 +22,8 @@ def test_stat_mean_and_sample_sd_hand_worked():
     assert (round(s.mean, 6), round(s.sd, 6), s.n) == (0.72, 0.02, 3)
     assert s.text() == "0.7200 ± 0.0200"
     assert stat([0.5]).text() == "0.5000"           # one seed: no spread shown
+    same = stat([0.6771, 0.6771, 0.6771])            # a figure every seed gives alike (BM25)
+    assert (same.mean, same.sd, same.n, same.text()) == (0.6771, 0.0, 3, "0.6771")
     assert stat([None, float("nan")]) is None
 
 
