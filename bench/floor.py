@@ -4,21 +4,25 @@ The default `dvc repro` spends almost all its time in three stages that run the 
 base model's corpus encoding (`encode_zeroshot`, for dense negatives and the zero-shot
 baseline), training, and the trained model's corpus encoding (`encode`). All three are matmuls
 in bf16 where the CPU has it natively. This script counts their FLOPs and divides by the
-fastest bf16 matmul this CPU runs at the model's own shapes: no code change can make a stage
-faster than that floor; only less compute can (fewer tokens, layers trained or epochs).
+fastest matmul torch runs here, at the model's own shapes and a square one: a floor for code
+built on torch's matmuls. Below it, only less compute helps (fewer tokens, layers trained or
+epochs).
 
 Inputs: a BEIR dataset folder (default SciFact); params.yaml's `model`, `train` and `encode`
 sections; `metrics/train.json` when present (the train stage's measured seconds).
 Outputs (printed; with --json also a file):
-- matmul GFLOPS in bf16 and fp32 at the model's shapes (the peak is the best of them);
-- per stage: TFLOPs, the floor at the peak, the measured seconds (train: metrics/train.json;
-  encoding: timed here on a sample and scaled to the corpus), and the fraction of the peak;
+- matmul GFLOPS in bf16 and fp32 at the model's shapes and 2048^3 (the peak is the best of them);
+- per stage: TFLOPs, the floor at the peak, the measured seconds (train: metrics/train.json,
+  checkpoint saves included; encoding: timed here on a sample and scaled to the corpus by
+  FLOPs, without the stage's loading and writing), and the fraction of the peak;
 - the floor of the three stages together beside the measured sum.
 
 FLOPs per token and layer as `encode_bench.model_flops`; the backward pass costs twice the
-forward of each trained layer (input and weight gradients); frozen layers
-(`train.frozen_layers`) run forward only. Padding is counted: batches pad to their longest
-text, so a batch's length is the mean longest of random batches of the corpus's token lengths.
+forward of each trained layer (input and weight gradients; the lowest trained layer above frozen
+ones needs no input gradient for its first projections, about 1% of training, counted anyway);
+frozen layers (`train.frozen_layers`) run forward only. Padding is counted: a training batch
+pads to its longest text, the mean longest of random batches of the training questions' or the
+corpus's token lengths; encoding pads length-sorted batches to their first (longest) text.
 """
 
 from __future__ import annotations
@@ -53,18 +57,22 @@ def per_layer(length: float, count: int, hidden: int, ffn: int) -> float:
 
 def training_flops(n_questions: int, q_lengths: np.ndarray, p_lengths: np.ndarray, layers: int, hidden: int,
                    ffn: int, batch: int, hard_negatives: int, epochs: int, frozen: int, shared: bool) -> dict:
-    """FLOPs of `epochs` epochs of in-batch training: each step encodes `batch` questions and
-    `batch * (1 + hard_negatives)` passages, forward through every layer and backward through
-    the trained ones (frozen layers are the passage encoder's, or both sides' when shared)."""
-    steps_per_epoch = math.ceil(n_questions / batch)
-    q_len = padded_length(q_lengths, batch)
-    p_len = padded_length(p_lengths, batch * (1 + hard_negatives))
-    q_layer = per_layer(q_len, batch, hidden, ffn)
-    p_layer = per_layer(p_len, batch * (1 + hard_negatives), hidden, ffn)
+    """FLOPs of `epochs` epochs of in-batch training: a step of `b` questions encodes them and
+    `b * (1 + hard_negatives)` passages, forward through every layer and backward through the
+    trained ones (frozen layers are the passage encoder's, or both sides' when shared). An
+    epoch is full batches of `batch` and a last, smaller one (none is dropped)."""
     q_trained = layers - (frozen if shared else 0)
-    step = q_layer * (layers + 2 * q_trained) + p_layer * (layers + 2 * (layers - frozen))
-    return {"steps": steps_per_epoch * epochs, "query_tokens": q_len, "passage_tokens": p_len,
-            "tflop_per_step": step / 1e12, "tflop": step * steps_per_epoch * epochs / 1e12}
+
+    def step(b: int) -> float:
+        q_layer = per_layer(padded_length(q_lengths, b), b, hidden, ffn)
+        p_layer = per_layer(padded_length(p_lengths, b * (1 + hard_negatives)), b * (1 + hard_negatives), hidden, ffn)
+        return q_layer * (layers + 2 * q_trained) + p_layer * (layers + 2 * (layers - frozen))
+
+    full, last = divmod(n_questions, batch)
+    epoch = full * step(batch) + (step(last) if last else 0.0)
+    return {"steps": math.ceil(n_questions / batch) * epochs, "query_tokens": padded_length(q_lengths, batch),
+            "passage_tokens": padded_length(p_lengths, batch * (1 + hard_negatives)),
+            "tflop_per_step": step(batch) / 1e12, "tflop": epoch * epochs / 1e12}
 
 
 def encoding_flops(p_lengths: np.ndarray, layers: int, hidden: int, ffn: int, batch: int) -> float:
@@ -157,8 +165,8 @@ if __name__ == "__main__":
                  for name in res["gemm_gflops"]["bfloat16"]]))
     tr = res["train"]
     print(f"\npeak {res['peak_gflops']:.0f} GFLOPS; corpus {res['corpus']:,} passages, {res['corpus_mean_tokens']:.0f} "
-          f"tokens on average; training {res['training_questions']} questions, {tr['steps']} steps of "
-          f"{tr['tflop_per_step']:.2f} TFLOP (questions padded to {tr['query_tokens']:.0f} tokens, "
+          f"tokens on average; training {res['training_questions']} questions, {tr['steps']} steps, "
+          f"a full one {tr['tflop_per_step']:.2f} TFLOP (questions padded to {tr['query_tokens']:.0f} tokens, "
           f"passages to {tr['passage_tokens']:.0f})")
     print(table(["stage", "TFLOP", "floor s (at the peak)", "measured s", "of the peak"],
                 [[name, r["tflop"], r["floor_s"], fmt(r["measured_s"]),
