@@ -28,11 +28,16 @@ import torch
 from measure import params_section, section_config, timed
 
 
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
+    """Throughput of one (m x k) @ (k x n) matmul in `dtype` with torch's threads."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    t, _ = timed(lambda: a @ b, repeats, warmup=2)
+    return 2 * m * k * n / t.median / 1e9
+
+
 def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     """fp32 matmul throughput with torch's threads: the practical peak the encoder can reach."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t, _ = timed(lambda: torch.mm(a, b), repeats, warmup=2)
-    return 2 * n**3 / t.median / 1e9
+    return matmul_gflops(n, n, n, torch.float32, repeats)
 
 
 def model_flops(lengths: np.ndarray, layers: int, hidden: int, ffn: int) -> float:

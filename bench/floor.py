@@ -33,15 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from encode_bench import model_flops
+from encode_bench import matmul_gflops, model_flops
 from measure import ROOT, params_section, section_config, timed
-
-
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
-    """Throughput of one (m x k) @ (k x n) matmul in `dtype` with torch's threads."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    t, _ = timed(lambda: a @ b, repeats, warmup=2)
-    return 2 * m * k * n / t.median / 1e9
 
 
 def padded_length(lengths: np.ndarray, batch: int, samples: int = 2000, seed: int = 13) -> float:
@@ -69,10 +62,11 @@ def training_flops(n_questions: int, q_lengths: np.ndarray, p_lengths: np.ndarra
         return q_layer * (layers + 2 * q_trained) + p_layer * (layers + 2 * (layers - frozen))
 
     full, last = divmod(n_questions, batch)
-    epoch = full * step(batch) + (step(last) if last else 0.0)
+    full_step = step(batch)
+    epoch = full * full_step + (step(last) if last else 0.0)
     return {"steps": math.ceil(n_questions / batch) * epochs, "query_tokens": padded_length(q_lengths, batch),
             "passage_tokens": padded_length(p_lengths, batch * (1 + hard_negatives)),
-            "tflop_per_step": step(batch) / 1e12, "tflop": epoch * epochs / 1e12}
+            "tflop_per_step": full_step / 1e12, "tflop": epoch * epochs / 1e12}
 
 
 def encoding_flops(p_lengths: np.ndarray, layers: int, hidden: int, ffn: int, batch: int) -> float:
@@ -84,7 +78,7 @@ def encoding_flops(p_lengths: np.ndarray, layers: int, hidden: int, ffn: int, ba
 
 def run(data: str, repeats: int, sample: int = 128) -> dict:
     from dprpipe.encode import encode_texts
-    from dprpipe.model import DualEncoder, EncoderConfig, passage_texts
+    from dprpipe.model import DualEncoder, EncoderConfig, passage_texts, uses_bf16
     from dprpipe.prepare import read_dataset
     from dprpipe.train import TrainConfig
 
@@ -112,8 +106,6 @@ def run(data: str, repeats: int, sample: int = 128) -> dict:
               f"8192 x {hidden} x {ffn} (FFN up)": (8192, hidden, ffn),
               f"8192 x {ffn} x {hidden} (FFN down)": (8192, ffn, hidden),
               f"8192 x {hidden} x {hidden} (projection)": (8192, hidden, hidden)}
-    from dprpipe.model import uses_bf16
-
     gemm = {dtype: {name: matmul_gflops(*s, getattr(torch, dtype), repeats) for name, s in shapes.items()}
             for dtype in ("bfloat16", "float32")}
     bf16 = uses_bf16(enc_cfg, torch.device("cpu"))
@@ -148,7 +140,7 @@ def run(data: str, repeats: int, sample: int = 128) -> dict:
 if __name__ == "__main__":
     import argparse
 
-    from measure import DEFAULT_DATA, cpu_model, fmt, table
+    from measure import DEFAULT_DATA, cpu_model, table
 
     p = argparse.ArgumentParser(description="the compute floor of the default run (see the module docstring)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -169,7 +161,7 @@ if __name__ == "__main__":
           f"a full one {tr['tflop_per_step']:.2f} TFLOP (questions padded to {tr['query_tokens']:.0f} tokens, "
           f"passages to {tr['passage_tokens']:.0f})")
     print(table(["stage", "TFLOP", "floor s (at the peak)", "measured s", "of the peak"],
-                [[name, r["tflop"], r["floor_s"], fmt(r["measured_s"]),
+                [[name, r["tflop"], r["floor_s"], r["measured_s"],
                   "-" if r["fraction_of_peak"] is None else f"{r['fraction_of_peak']:.0%}"]
                  for name, r in res["stages"].items()]))
     total = f", measured {res['measured_s'] / 60:.1f} min" if res["measured_s"] else ""
