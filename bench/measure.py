@@ -176,15 +176,30 @@ def section_config(cls, section: str):
     return from_mapping(cls, {k: v for k, v in values.items() if k in names}, section)
 
 
+def cpu_info(cpuinfo: str | None = None) -> dict[str, str]:
+    r"""The fields of the first processor's block of /proc/cpuinfo (it describes them all); {}
+    where there is no such file.
+
+    >>> cpu_info("processor\t: 0\nflags\t\t: fpu avx2\n\nprocessor\t: 1\n")
+    {'processor': '0', 'flags': 'fpu avx2'}
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpu_info().get("flags", "").split())
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
@@ -194,18 +209,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     >>> cpu_model("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n")
     'AMD EPYC (family 26, model 2)'
     """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return platform.processor() or "unknown"
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break       # the first processor's block describes them all
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = cpu_info(cpuinfo)
     name = fields.get("model name") or platform.processor() or "unknown"
     if "cpu family" in fields and "model" in fields:
         return f"{name} (family {fields['cpu family']}, model {fields['model']})"
